@@ -1,0 +1,125 @@
+"""Building blocks shared by the UNet and the VAE (NHWC, diffusers param names)."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
+    """torch.nn.GroupNorm equivalent; Flax computes the statistics in float32."""
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, dtype: Dtype, stride: int = 1, padding=None, name: Optional[str] = None) -> nn.Conv:
+    """A 2D convolution with torch's symmetric 'same' padding by default."""
+    pad = ((kernel // 2, kernel // 2),) * 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+
+
+class LoRADense(nn.Module):
+    """A Dense layer that adds a low-rank update when the ``lora`` collection holds one.
+
+    The frozen weights live in ``params`` (``kernel``/``bias``); adapters live in
+    the separate ``lora`` collection (``down`` [in, r], ``up`` [r, out]) so the
+    LoRA teacher reuses the teacher's parameter tree instead of copying it.
+    """
+
+    features: int
+    use_bias: bool = True
+    lora_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        if self.has_variable("lora", "down"):
+            down = self.get_variable("lora", "down").astype(self.dtype)
+            up = self.get_variable("lora", "up").astype(self.dtype)
+            y = y + self.lora_scale * jnp.dot(jnp.dot(x.astype(self.dtype), down), up)
+        return y
+
+
+class Attention(nn.Module):
+    """diffusers' ``Attention``: to_q/to_k/to_v, fused dot-product attention, to_out.0.
+
+    Uses ``jax.nn.dot_product_attention`` so XLA may pick a fused kernel on GPU.
+    ``upcast`` runs the scores and softmax in float32 (SD 2.x 768-v checkpoints).
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: Optional[int] = None
+    qkv_bias: bool = False
+    upcast: bool = False
+    lora_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+        proj = lambda name: LoRADense(inner, self.qkv_bias, self.lora_scale, self.dtype, name=name)
+        q, k, v = proj("to_q")(x), proj("to_k")(context), proj("to_v")(context)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+        q, k, v = split(q), split(k), split(v)
+        if self.upcast:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            v = v.astype(jnp.float32)
+        out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
+        out = out.reshape(out.shape[0], out.shape[1], inner)
+        return nn.Dense(self.out_dim or x.shape[-1], dtype=self.dtype, name="to_out.0")(out)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ``ResnetBlock2D`` (default time-embedding norm, SiLU, optional 1x1 shortcut)."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
+        h = conv(self.out_channels, 3, self.dtype, name="conv1")(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
+        h = conv(self.out_channels, 3, self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, self.dtype, name="conv_shortcut")(x)
+        return ((x + h) / self.output_scale_factor).astype(self.dtype)
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. ``asymmetric`` pads (0, 1) like the VAE encoder."""
+
+    out_channels: int
+    asymmetric: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        padding = ((0, 1), (0, 1)) if self.asymmetric else ((1, 1), (1, 1))
+        return conv(self.out_channels, 3, self.dtype, stride=2, padding=padding, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.out_channels, 3, self.dtype, name="conv")(x)
