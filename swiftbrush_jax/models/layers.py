@@ -74,7 +74,7 @@ class Attention(nn.Module):
             v = v.astype(jnp.float32)
         out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
         out = out.reshape(out.shape[0], out.shape[1], inner)
-        return nn.Dense(self.out_dim or x.shape[-1], dtype=self.dtype, name="to_out.0")(out)
+        return LoRADense(self.out_dim or x.shape[-1], True, self.lora_scale, self.dtype, name="to_out.0")(out)
 
 
 class ResnetBlock2D(nn.Module):
