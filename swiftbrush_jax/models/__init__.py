@@ -4,3 +4,24 @@ All image tensors are NHWC inside these modules; param names mirror the
 diffusers module paths (the Flax module named ``down_blocks.0`` is diffusers' ``down_blocks.0``)
 so that ``swiftbrush_jax.weights`` converts by rule, not by table.
 """
+
+import json
+import os
+
+from ..weights import WeightsError
+
+
+class UnsupportedConfigError(ValueError):
+    """A config.json option this port does not implement; the message names it."""
+
+
+def read_config(folder: str) -> dict:
+    """A component folder's ``config.json``; a missing or malformed file is a WeightsError naming it."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None

@@ -1,0 +1,110 @@
+"""The Flax CLIP text encoder against transformers' on tiny random SD 2.1- and SD 1.5-shaped models."""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from reference import TEXT_CONFIGS, make_text_encoder
+from swiftbrush_jax.models import UnsupportedConfigError
+from swiftbrush_jax.models.clip import CLIPTextConfig, load_text_encoder
+from swiftbrush_jax.weights import save_state_dict
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode(model, params, ids):
+    return model.apply({"params": params}, ids)
+
+
+def rel_error(ours, theirs) -> tuple:
+    """(max abs error, that error relative to max |reference|)."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    err = np.abs(ours - theirs).max()
+    return err, err / np.abs(theirs).max()
+
+
+@pytest.fixture(scope="module", params=["sd21", "sd15"])
+def saved(request, tmp_path_factory):
+    """(kind, torch model, folder written by save_pretrained)."""
+    model = make_text_encoder(request.param)
+    folder = str(tmp_path_factory.mktemp(request.param))
+    model.save_pretrained(folder, safe_serialization=True)
+    return request.param, model, folder
+
+
+def token_ids(kind: str) -> torch.Tensor:
+    vocab = TEXT_CONFIGS[kind]["vocab_size"]
+    return torch.randint(0, vocab, (2, 77), generator=torch.Generator().manual_seed(3))
+
+
+def reference_hidden_state(model, ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state.numpy()
+
+
+def test_text_encoder_parity(saved):
+    kind, torch_model, folder = saved
+    ids = token_ids(kind)
+    model, params = load_text_encoder(folder)
+    assert model.config.hidden_act == TEXT_CONFIGS[kind]["hidden_act"]
+    ours = encode(model, params, ids.numpy().astype(np.int32))
+    assert ours.shape == (2, 77, TEXT_CONFIGS[kind]["hidden_size"]) and ours.dtype == jnp.float32
+    err, rel = rel_error(ours, reference_hidden_state(torch_model, ids))
+    assert rel <= 1e-4, (kind, err, rel)
+
+
+def test_hub_layout_with_text_model_prefix_parity(saved, tmp_path):
+    """SD checkpoints on the Hub were saved by transformers < 5, whose keys start with ``text_model.``."""
+    kind, torch_model, folder = saved
+    hub = str(tmp_path / "text_encoder")
+    os.makedirs(hub)
+    shutil.copy(os.path.join(folder, "config.json"), hub)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    assert not any(k.startswith("text_model.") for k in state)
+    save_state_dict({f"text_model.{k}": v for k, v in state.items()}, os.path.join(hub, "model.safetensors"))
+
+    ids = token_ids(kind)
+    model, params = load_text_encoder(hub)
+    err, rel = rel_error(encode(model, params, ids.numpy().astype(np.int32)), reference_hidden_state(torch_model, ids))
+    assert rel <= 1e-4, (kind, err, rel)
+
+
+def test_text_encoder_bf16_compute_stays_close(saved):
+    kind, torch_model, folder = saved
+    ids = token_ids(kind)
+    model, params = load_text_encoder(folder, dtype=jnp.bfloat16)
+    ours = encode(model, params, ids.numpy().astype(np.int32))
+    assert ours.dtype == jnp.float32
+    err, rel = rel_error(ours, reference_hidden_state(torch_model, ids))
+    assert rel < 5e-2, (kind, err, rel)
+
+
+def test_text_config_round_trips_through_transformers(saved):
+    from transformers import CLIPTextConfig as TorchCLIPTextConfig
+
+    kind, _, folder = saved
+    with open(os.path.join(folder, "config.json")) as f:
+        config = CLIPTextConfig.from_transformers(json.load(f))
+    assert config.num_hidden_layers == TEXT_CONFIGS[kind]["num_hidden_layers"]
+    exported = config.to_transformers()
+    assert CLIPTextConfig.from_transformers(exported) == config
+    assert CLIPTextConfig.from_transformers(TorchCLIPTextConfig(**exported).to_dict()) == config
+
+
+def test_unsupported_hidden_act_is_named(saved, tmp_path):
+    _, _, folder = saved
+    broken = str(tmp_path / "text_encoder")
+    shutil.copytree(folder, broken)
+    with open(os.path.join(broken, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        json.dump(dict(config, hidden_act="gelu_new"), f)
+    with pytest.raises(UnsupportedConfigError, match="hidden_act='gelu_new'"):
+        load_text_encoder(broken)
