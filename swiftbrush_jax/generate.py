@@ -1,0 +1,46 @@
+"""One-step generation with a SwiftBrush student, and VAE decoding to pixels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import schedule as sched
+
+
+def one_step_x0(unet, params, z, cond, schedule, t: int):
+    """The student's sample: x0 predicted from pure noise z at timestep t (T - 1)."""
+    timesteps = jnp.full((z.shape[0],), t, jnp.int32)
+    out = unet.apply({"params": params}, z, timesteps, cond).astype(jnp.float32)
+    return sched.to_x0(schedule, out, z, timesteps)
+
+
+def decode_to_pixels(vae, vae_params, latents):
+    """VAE-decode latents (unscaled by the VAE's scaling factor) to float images in [0, 1], NHWC."""
+    image = vae.apply({"params": vae_params}, latents / vae.config.scaling_factor, method=vae.decode)
+    return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Round to 8 bits the way diffusers' ``numpy_to_pil`` does."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """Tile (N, H, W, C) images into one (rows*H, cols*W, C) image, padding with black."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid
+
+
+def make_sampler(student_unet, vae, schedule, t: int):
+    """A jitted (student params, vae params, z, cond) -> float images function."""
+
+    @jax.jit
+    def sample(student_params, vae_params, z, cond):
+        return decode_to_pixels(vae, vae_params, one_step_x0(student_unet, student_params, z, cond, schedule, t))
+
+    return sample

@@ -1,0 +1,40 @@
+"""LoRA adapters as a parameter tree of their own, laid over a frozen UNet tree.
+
+The tree mirrors the UNet's module paths and holds, for each adapted
+projection, ``down`` [in, rank] and ``up`` [rank, out]. ``layers.LoRADense``
+picks them up from the ``lora`` variable collection, so the LoRA teacher is the
+teacher's own parameters plus this small tree: no second copy of the weights.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+def adapted_paths(params, targets: Sequence[str]) -> list:
+    """Module paths (tuples) of attention projections named in ``targets``."""
+    flat = traverse_util.flatten_dict(params)
+    paths = sorted({p[:-1] for p in flat if p[-1] == "kernel" and len(p) >= 3 and p[-2] in targets
+                    and p[-3].startswith("attn")})
+    if not paths:
+        raise ValueError(f"no attention projections named {list(targets)} in the UNet; "
+                         "valid targets are to_q, to_k, to_v, to_out.0")
+    return paths
+
+
+def init_lora(rng, params, rank: int, targets: Sequence[str] = ("to_q", "to_v"), dtype=jnp.float32):
+    """Fresh adapters: ``down`` normal with std 1/rank, ``up`` zero, so the adapted net starts equal."""
+    flat = traverse_util.flatten_dict(params)
+    tree = {}
+    paths = adapted_paths(params, targets)
+    for path, key in zip(paths, jax.random.split(rng, len(paths))):
+        fan_in, fan_out = flat[path + ("kernel",)].shape
+        tree[path + ("down",)] = jax.random.normal(key, (fan_in, rank), dtype) / rank
+        tree[path + ("up",)] = jnp.zeros((rank, fan_out), dtype)
+    return traverse_util.unflatten_dict(tree)
+
+
+def lora_scale(rank: int, alpha: float) -> float:
+    return float(alpha) / float(rank)

@@ -1,0 +1,244 @@
+"""The SwiftBrush training program.
+
+    python -m swiftbrush_jax.train --config configs/sd21.py --workdir runs/sd21 [--config.key=value ...]
+
+A linear loop: set up the mesh, load the frozen teacher, build (or restore)
+the train state, then step, log, sample and checkpoint. It resumes from the
+newest complete checkpoint in the workdir, and SIGTERM/SIGINT save and exit.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from . import checkpoint as ckpt
+from . import data, sharding
+from . import distributed
+from .errors import exit_on_user_error
+from .generate import image_grid, make_sampler, to_uint8
+from .lora import init_lora, lora_scale
+from .pipeline import load_pipeline
+from .vsd import VSD, Frozen, VSDConfig, make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, samples and TensorBoard events go.")
+distributed.define_flags()
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT (e.g. preemption); the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def prompt_source(config):
+    """The prompt list: the shapes vocabulary for toy configs, else a prompt file or TFDS dataset."""
+    if config.prompts == "shapes":
+        from .toy.shapes import all_prompts
+
+        prompts = list(all_prompts())
+        return prompts, data.PromptStats(read=len(prompts), kept=len(prompts))
+    return data.load_prompts(config.prompts, config.get("prompt_column", "text"))
+
+
+def build_vsd(config, pipe) -> VSD:
+    """The step's static parts: student/teacher modules in their dtypes, schedule, both optimizers."""
+    unet_config = pipe.unet.config
+    teacher_unet = pipe.unet.clone(dtype=dtype_of(config.teacher_dtype),
+                                   lora_scale=lora_scale(config.lora.rank, config.lora.alpha))
+    student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), remat=config.remat)
+    text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype))
+    latent = config.get("latent_size") or unet_config.sample_size
+    return VSD(
+        student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,
+        schedule=pipe.schedule, config=VSDConfig(**config.vsd),
+        student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
+        latent_shape=(latent, latent, unet_config.in_channels))
+
+
+def main(argv):
+    del argv
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if workdir is None:
+        raise app.UsageError("--workdir is required")
+    distributed.initialize()
+    is_main = jax.process_index() == 0
+    stop = _StopRequest()
+    t_start = time.time()
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch(config.batch_size, mesh)
+    prompts, stats = prompt_source(config)
+    logging.info("prompts: %s", stats.describe())
+    stream = data.PromptStream(prompts, config.batch_size, config.seed, jax.process_index(), jax.process_count())
+
+    teacher_source = config.teacher
+    if config.get("make_tiny_teacher"):
+        from .tiny import make_tiny_pipeline
+
+        teacher_source = make_tiny_pipeline(os.path.join(workdir, "tiny_teacher"), seed=0)
+    pipe = load_pipeline(teacher_source)
+    student_params = pipe.unet_params
+    if config.get("student_init"):
+        student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
+    vsd = build_vsd(config, pipe)
+
+    # Frozen inputs, cast once and laid out on the mesh.
+    teacher_dtype = dtype_of(config.teacher_dtype)
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), tree)
+    frozen = Frozen(teacher=cast(pipe.unet_params), text=cast(pipe.text_params),
+                    uncond=pipe.encode_text([""]).astype(jnp.float32))
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_sh)
+
+    rng = jax.random.PRNGKey(config.seed)
+    rng, lora_rng = jax.random.split(rng)
+    lora = init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
+    state_shapes = jax.eval_shape(vsd.init_state, rng, student_params, lora)
+    state_sh = sharding.tree_shardings(state_shapes, mesh)
+    state = jax.jit(vsd.init_state, out_shardings=state_sh)(rng, student_params, lora)
+    del student_params
+
+    mngr = ckpt.manager(workdir, config.keep_checkpoints)
+    start = 0
+    latest = ckpt.latest_step(mngr)
+    if latest is not None:
+        ckpt.check_compatible(ckpt.read_meta(mngr, latest)["fingerprint"], config)
+        state, meta = ckpt.restore(mngr, latest, ckpt.abstract(state, state_sh))
+        start = stream.check_resumable(meta["prompts"])
+        logging.info("resumed from step %d", latest)
+
+    step_fn = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    sampler = Sampler(config, vsd, pipe, mesh) if config.sample_every else None
+    writer = summary_writer(workdir) if is_main else None
+    tokenized = data.Prefetcher((pipe.tokenize(b) for b in stream.batches(start)))
+
+    def save(step):
+        ckpt.save(mngr, step, state, {"prompts": stream.state(step), "fingerprint": ckpt.fingerprint(config)})
+
+    progress = progress_bar(start, config.total_steps, is_main)
+    t_first, images = None, 0
+    step = start
+    with tokenized:
+        while step < config.total_steps:
+            ids = sharding.global_batch_array(next(tokenized), mesh)
+            state, metrics = step_fn(state, frozen, ids)
+            step += 1
+            images += config.batch_size
+            if t_first is None:
+                jax.block_until_ready(state.step)
+                t_first = time.time() - t_start
+                logging.info("first step done %.1f s after start (includes compilation)", t_first)
+                images, t_loop = 0, time.time()
+            if step % config.log_every == 0 or step == config.total_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                streak = int(state.skip_streak)
+                m.update(skipped=int(state.skipped), steps_per_s=(step - start - 1) / max(time.time() - t_loop, 1e-9))
+                progress.update(step, m)
+                if writer is not None:
+                    for k, v in m.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                if streak >= config.max_consecutive_skips:
+                    mngr.wait_until_finished()
+                    raise TrainingDiverged(f"{streak} consecutive updates had a non-finite loss or gradient "
+                                           f"(step {step}); the last good checkpoint is step {mngr.latest_step()}; "
+                                           "lower the learning rate or check the teacher weights")
+            if sampler is not None and (step % config.sample_every == 0 or step == config.total_steps):
+                sampler.write(state, step, workdir, writer)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stop.signal:
+                save(step)
+            if stop.signal:
+                logging.warning("%s received: saved step %d, exiting", stop.signal, step)
+                break
+    mngr.wait_until_finished()
+    mngr.close()
+    progress.close()
+    wall = time.time() - t_start
+    if is_main:
+        done = step - start
+        rate = images / max(time.time() - t_loop, 1e-9) if t_first is not None and done > 1 else 0.0
+        print(f"done: {done} steps (to step {step}) in {wall:.1f} s, first step after {t_first or 0:.1f} s, "
+              f"{rate:.2f} images/s after compilation; workdir {workdir}", flush=True)
+    if writer is not None:
+        writer.close()
+    if stop.signal:
+        sys.exit(0)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row."""
+
+
+class Sampler:
+    """One-step samples of the student (and its EMA) for fixed validation prompts and noise."""
+
+    def __init__(self, config, vsd: VSD, pipe, mesh):
+        prompts = list(config.validation_prompts)
+        self.cond = jax.device_put(pipe.encode_text(prompts).astype(jnp.float32), sharding.replicated(mesh))
+        self.z = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape)
+        self.vae_params = pipe.vae_params
+        self.sample = make_sampler(vsd.student_unet, pipe.vae, vsd.schedule, vsd.student_t)
+        self.cols = min(len(prompts), 8)
+
+    def write(self, state, step, workdir, writer):
+        out_dir = os.path.join(workdir, "samples")
+        rows = []
+        for name, params in (("student", state.student), ("ema", state.ema)):
+            images = to_uint8(self.sample(params, self.vae_params, self.z, self.cond))
+            rows.append(image_grid(images, self.cols))
+        if jax.process_index() != 0:
+            return
+        grid = np.concatenate(rows, axis=0)
+        from PIL import Image
+
+        os.makedirs(out_dir, exist_ok=True)
+        Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:07d}.png"))
+        if writer is not None:
+            writer.add_image("samples/student_then_ema", grid, step, dataformats="HWC")
+
+
+def summary_writer(workdir):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+class progress_bar:
+    """A tqdm bar on the main process showing step, losses, gradient norms and speed."""
+
+    def __init__(self, start, total, enabled):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+        self.last = start
+
+    def update(self, step, metrics):
+        keys = ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora", "steps_per_s", "skipped")
+        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in keys if k in metrics}, refresh=False)
+        self.bar.update(step - self.last)
+        self.last = step
+
+    def close(self):
+        self.bar.close()
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(exit_on_user_error(main))

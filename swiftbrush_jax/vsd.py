@@ -1,0 +1,220 @@
+"""The SwiftBrush train step: Variational Score Distillation into a one-step student.
+
+One step (SPEC §2): the student maps noise z to x0 at t = T-1; x0 is re-noised
+at t ~ U[t_min, t_max] and scored by the frozen teacher and the LoRA teacher,
+both with classifier-free guidance; w(t) (e_teacher - e_lora) with
+w = sigma_t^2 is the gradient pushed into x0. The LoRA teacher is trained with
+the teacher's denoising loss on stop_gradient(x0), so it tracks the student's
+distribution. Both parameter trees are updated in the same compiled step.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from . import schedule as sched
+
+
+@dataclasses.dataclass(frozen=True)
+class VSDConfig:
+    """The method's constants; defaults are the paper's (SPEC §2)."""
+
+    guidance_scale: float = 4.5  # CFG of the frozen teacher
+    lora_guidance_scale: float = 4.5  # CFG of the LoRA teacher (official code: same as the teacher's)
+    t_min: int = 20
+    t_max: int = 980
+    lora_t_min: int = 0
+    lora_t_max: int = 999
+    uncond_prob: float = 0.1  # prompt dropout for the LoRA teacher's loss
+    student_t: int = -1  # -1: the schedule's last step, T - 1
+    ema_decay: float = 0.9999
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training; the frozen teacher and text encoder are not here."""
+
+    step: jax.Array
+    student: Any
+    ema: Any
+    lora: Any
+    student_opt: Any
+    lora_opt: Any
+    rng: jax.Array
+    skipped: jax.Array  # updates skipped for a non-finite loss or gradient, in total
+    skip_streak: jax.Array  # ... in a row, up to now
+
+
+class Frozen(struct.PyTreeNode):
+    """Frozen inputs of every step: teacher UNet and text encoder weights, the empty-prompt embedding."""
+
+    teacher: Any
+    text: Any
+    uncond: jax.Array  # (1, T, D)
+
+
+class Noise(struct.PyTreeNode):
+    """All randomness of one step, drawn up front so the step can be checked against a reference."""
+
+    z: jax.Array  # student input noise, NHWC
+    t_vsd: jax.Array  # (B,) int
+    eps_vsd: jax.Array
+    t_lora: jax.Array
+    eps_lora: jax.Array
+    drop: jax.Array  # (B,) bool: use the empty prompt for the LoRA loss
+
+
+def lr_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0):
+    """Constant by default (the paper); optional linear warm-up, optional cosine decay to 0."""
+    if decay_steps:
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
+    if warmup_steps:
+        return optax.linear_schedule(0.0, lr, warmup_steps)
+    return lr
+
+
+def make_optimizer(lr: float, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0,
+                   warmup_steps=0, decay_steps=0) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam (AdamW when weight decay is asked for)."""
+    schedule = lr_schedule(lr, warmup_steps, decay_steps)
+    parts = [optax.clip_by_global_norm(clip)] if clip else []
+    if weight_decay:
+        parts.append(optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay))
+    else:
+        parts.append(optax.adam(schedule, b1, b2, eps))
+    return optax.chain(*parts)
+
+
+def cfg_output(unet: nn.Module, variables, x, t, cond, uncond, scale):
+    """net(x, t, empty) + scale * (net(x, t, c) - net(x, t, empty)), as one batched call."""
+    b = x.shape[0]
+    out = unet.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), cond]))
+    out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class VSD:
+    """The static parts of the step: modules, schedule, optimizers, constants."""
+
+    student_unet: nn.Module
+    teacher_unet: nn.Module  # applied with and without the ``lora`` collection
+    text_encoder: nn.Module
+    schedule: Any
+    config: VSDConfig
+    student_tx: optax.GradientTransformation
+    lora_tx: optax.GradientTransformation
+    latent_shape: tuple  # (H, W, C) of the student's noise
+
+    @property
+    def student_t(self) -> int:
+        return self.config.student_t if self.config.student_t >= 0 else self.schedule.num_train_timesteps - 1
+
+    def init_state(self, rng, student_params, lora_params) -> TrainState:
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero, student=student_params, ema=jax.tree_util.tree_map(jnp.copy, student_params),
+            lora=lora_params, student_opt=self.student_tx.init(student_params),
+            lora_opt=self.lora_tx.init(lora_params), rng=rng, skipped=zero, skip_streak=zero)
+
+    def draw(self, rng, batch: int) -> Noise:
+        c = self.config
+        k = jax.random.split(rng, 6)
+        shape = (batch,) + tuple(self.latent_shape)
+        return Noise(
+            z=jax.random.normal(k[0], shape),
+            t_vsd=jax.random.randint(k[1], (batch,), c.t_min, c.t_max + 1),
+            eps_vsd=jax.random.normal(k[2], shape),
+            t_lora=jax.random.randint(k[3], (batch,), c.lora_t_min, c.lora_t_max + 1),
+            eps_lora=jax.random.normal(k[4], shape),
+            drop=jax.random.bernoulli(k[5], c.uncond_prob, (batch,)),
+        )
+
+    def student_x0(self, student_params, z, cond):
+        """The one-step generator: x0 from the student's prediction at t = T-1."""
+        t = jnp.full((z.shape[0],), self.student_t, jnp.int32)
+        out = self.student_unet.apply({"params": student_params}, z, t, cond).astype(jnp.float32)
+        return sched.to_x0(self.schedule, out, z, t)
+
+    def vsd_gradient(self, teacher_params, lora_params, x0, cond, uncond, noise: Noise):
+        """w(t) (e_teacher - e_lora) at x_t = a_t x0 + s_t eps, non-finite entries zeroed."""
+        c, t = self.config, noise.t_vsd
+        x_t = sched.add_noise(self.schedule, x0, noise.eps_vsd, t)
+        e_teacher = cfg_output(self.teacher_unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
+        e_lora = cfg_output(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
+                            x_t, t, cond, uncond, c.lora_guidance_scale)
+        e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
+        e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
+        _, sigma = sched.alpha_sigma(self.schedule, t)
+        grad = sigma**2 * (e_teacher - e_lora)
+        return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def lora_loss(self, lora_params, teacher_params, x0, cond, uncond, noise: Noise):
+        """The teacher's own denoising loss on the student's samples, weighted by abar_t."""
+        t = noise.t_lora
+        x_t = sched.add_noise(self.schedule, x0, noise.eps_lora, t)
+        ctx = jnp.where(noise.drop[:, None, None], jnp.broadcast_to(uncond, cond.shape), cond)
+        out = self.teacher_unet.apply({"params": teacher_params, "lora": lora_params}, x_t, t, ctx)
+        err = out.astype(jnp.float32) - sched.target(self.schedule, x0, noise.eps_lora, t)
+        abar = jnp.asarray(self.schedule.alphas_cumprod)[t][:, None, None, None]
+        return jnp.mean(abar * err**2)
+
+    def losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
+        """Both losses and each tree's gradient from its own loss only."""
+        cond = cond.astype(jnp.float32)
+        x0, pullback = jax.vjp(lambda p: self.student_x0(p, noise.z, cond), student)
+        grad = jax.lax.stop_gradient(self.vsd_gradient(teacher, lora, x0, cond, uncond, noise))
+        # loss_student = 0.5 mean((x0 - sg(x0 - grad))^2): its x0-gradient is resid / numel.
+        resid = x0 - (x0 - grad)
+        (student_grads,) = pullback(resid / resid.size)
+        loss_lora, lora_grads = jax.value_and_grad(self.lora_loss)(
+            lora, teacher, jax.lax.stop_gradient(x0), cond, uncond, noise)
+        metrics = {"loss_student": 0.5 * jnp.mean(resid**2), "loss_lora": loss_lora,
+                   "x0_std": jnp.std(x0)}
+        return metrics, student_grads, lora_grads
+
+    def apply_grads(self, state: TrainState, student_grads, lora_grads, metrics, rng) -> tuple:
+        """Both optax chains and the EMA; the whole update is dropped if anything is non-finite."""
+        s_updates, student_opt = self.student_tx.update(student_grads, state.student_opt, state.student)
+        student = optax.apply_updates(state.student, s_updates)
+        l_updates, lora_opt = self.lora_tx.update(lora_grads, state.lora_opt, state.lora)
+        lora = optax.apply_updates(state.lora, l_updates)
+        k = state.step.astype(jnp.float32)
+        decay = jnp.minimum(self.config.ema_decay, (1.0 + k) / (10.0 + k))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, student)
+
+        norms = {"grad_norm_student": optax.global_norm(student_grads), "grad_norm_lora": optax.global_norm(lora_grads)}
+        finite = jnp.all(jnp.isfinite(jnp.stack([metrics["loss_student"], metrics["loss_lora"],
+                                                 norms["grad_norm_student"], norms["grad_norm_lora"]])))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1, rng=rng,
+            student=keep(student, state.student), ema=keep(ema, state.ema), lora=keep(lora, state.lora),
+            student_opt=keep(student_opt, state.student_opt), lora_opt=keep(lora_opt, state.lora_opt),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            skip_streak=jnp.where(finite, 0, state.skip_streak + 1),
+        )
+        return new_state, {**metrics, **norms, "finite": finite, "ema_decay": decay}
+
+    def train_step(self, state: TrainState, frozen: Frozen, token_ids):
+        """One full SwiftBrush update from a batch of prompt token ids."""
+        rng, step_rng = jax.random.split(state.rng)
+        cond = self.text_encoder.apply({"params": frozen.text}, token_ids)
+        noise = self.draw(step_rng, token_ids.shape[0])
+        metrics, student_grads, lora_grads = self.losses_and_grads(
+            state.student, state.lora, frozen.teacher, cond, frozen.uncond, noise)
+        return self.apply_grads(state, student_grads, lora_grads, metrics, rng)
+
+    def jit_train_step(self, state_shardings, frozen_shardings, batch_sharding, replicated) -> Callable:
+        """The step compiled once with explicit shardings; the state's buffers are donated."""
+        return jax.jit(
+            self.train_step,
+            in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
