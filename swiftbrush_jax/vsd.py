@@ -33,6 +33,10 @@ class VSDConfig:
     uncond_prob: float = 0.1  # prompt dropout for the LoRA teacher's loss
     student_t: int = -1  # -1: the schedule's last step, T - 1
     ema_decay: float = 0.9999
+    # Ablations of the paper: plain SDS (the LoRA teacher's score replaced by the injected noise),
+    # and a student whose output is taken as x0 directly instead of x0 = (z - s_T e) / a_T.
+    use_lora_teacher: bool = True
+    student_x0_parameterization: bool = True
 
 
 class TrainState(struct.PyTreeNode):
@@ -139,6 +143,8 @@ class VSD:
         """The one-step generator: x0 from the student's prediction at t = T-1."""
         t = jnp.full((z.shape[0],), self.student_t, jnp.int32)
         out = self.student_unet.apply({"params": student_params}, z, t, cond).astype(jnp.float32)
+        if not self.config.student_x0_parameterization:
+            return out
         return sched.to_x0(self.schedule, out, z, t)
 
     def vsd_gradient(self, teacher_params, lora_params, x0, cond, uncond, noise: Noise):
@@ -146,10 +152,13 @@ class VSD:
         c, t = self.config, noise.t_vsd
         x_t = sched.add_noise(self.schedule, x0, noise.eps_vsd, t)
         e_teacher = cfg_output(self.teacher_unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
-        e_lora = cfg_output(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
-                            x_t, t, cond, uncond, c.lora_guidance_scale)
         e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
-        e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
+        if c.use_lora_teacher:
+            e_lora = cfg_output(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
+                                x_t, t, cond, uncond, c.lora_guidance_scale)
+            e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
+        else:
+            e_lora = noise.eps_vsd
         _, sigma = sched.alpha_sigma(self.schedule, t)
         grad = sigma**2 * (e_teacher - e_lora)
         return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
