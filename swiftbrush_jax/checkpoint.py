@@ -65,3 +65,27 @@ def check_compatible(saved: dict, config) -> None:
 
 def latest_step(mngr: ocp.CheckpointManager) -> Optional[int]:
     return mngr.latest_step()
+
+
+def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> tuple:
+    """(student or EMA params, meta, step) from a training workdir, on the default device.
+
+    The state is restored without a target, as nested dicts of arrays; only
+    the wanted tree is kept.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training workdir?")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"{directory} holds no complete checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"{directory} has no checkpoint for step {step}; available: {sorted(steps)}")
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+        raise CheckpointError(f"{directory}/{step} could not be read ({type(e).__name__}: {e})") from None
+    params = out.state["ema" if ema else "student"]
+    return params, out.meta, step

@@ -44,3 +44,27 @@ def make_sampler(student_unet, vae, schedule, t: int):
         return decode_to_pixels(vae, vae_params, one_step_x0(student_unet, student_params, z, cond, schedule, t))
 
     return sample
+
+
+def make_ddim_sampler(unet, vae, schedule, num_steps: int, guidance: float):
+    """A jitted (unet params, vae params, z, cond, uncond) -> float images function.
+
+    Multi-step DDIM (eta 0) following the scheduler config, with classifier-free
+    guidance against ``uncond`` (1, T, D) as diffusers' StableDiffusionPipeline
+    does it: guidance <= 1 runs the conditional branch alone.
+    """
+
+    @jax.jit
+    def sample(unet_params, vae_params, z, cond, uncond):
+        def denoise(x, t):
+            if guidance <= 1.0:
+                return unet.apply({"params": unet_params}, x, t, cond).astype(jnp.float32)
+            ctx = jnp.concatenate([jnp.broadcast_to(uncond, (x.shape[0],) + uncond.shape[1:]), cond])
+            out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), ctx)
+            out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
+            return out_uncond + guidance * (out_cond - out_uncond)
+
+        x0 = sched.ddim_sample(denoise, z, schedule, num_steps)
+        return decode_to_pixels(vae, vae_params, x0)
+
+    return sample

@@ -131,7 +131,8 @@ def main(argv):
     tokenized = data.Prefetcher((pipe.tokenize(b) for b in stream.batches(start)))
 
     def save(step):
-        ckpt.save(mngr, step, state, {"prompts": stream.state(step), "fingerprint": ckpt.fingerprint(config)})
+        ckpt.save(mngr, step, state, {"prompts": stream.state(step), "fingerprint": ckpt.fingerprint(config),
+                                      "teacher_root": os.path.abspath(pipe.root), "student_t": vsd.student_t})
 
     progress = progress_bar(start, config.total_steps, is_main)
     t_first, images = None, 0
