@@ -1,0 +1,170 @@
+"""The Flax UNet against diffusers' PyTorch UNet2DConditionModel, plus its loader's error paths."""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from reference import UNET_CONFIGS, make_unet
+from swiftbrush_jax import weights
+from swiftbrush_jax.models import UnsupportedConfigError
+from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers
+
+# XLA's CPU optimisations cost more compile time than these tiny forwards ever take.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+SD21_BASE_CONFIG = {  # unet/config.json of stable-diffusion-2-1-base
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": False, "use_linear_projection": True,
+}
+
+
+def compile_forward(model, variables, inputs):
+    """``model.apply`` compiled for exactly these variables' and inputs' shapes."""
+    return jax.jit(model.apply).lower(variables, *inputs).compile(FAST_COMPILE)
+
+
+def run(model, variables, inputs):
+    return np.asarray(compile_forward(model, variables, inputs)(variables, *inputs))
+
+
+def build_case(kind, tmp_path_factory):
+    """A saved random reference UNet, shared inputs, its PyTorch output and our float32 output (NHWC)."""
+    torch_unet = make_unet(kind)
+    folder = str(tmp_path_factory.mktemp(kind))
+    torch_unet.save_pretrained(folder, safe_serialization=True)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    t = np.array([3, 761])
+    context = rng.standard_normal((2, 7, UNET_CONFIGS[kind]["cross_attention_dim"])).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context))
+    model, params = load_unet(folder)
+    inputs = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))
+    return SimpleNamespace(
+        folder=folder, torch_unet=torch_unet, model=model, params=params, inputs=inputs,
+        expected=ref.sample.numpy().transpose(0, 2, 3, 1), ours=run(model, {"params": params}, inputs))
+
+
+@pytest.fixture(scope="module")
+def sd21(tmp_path_factory):
+    return build_case("sd21", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return build_case("sd15", tmp_path_factory)
+
+
+def relative_error(ours, expected):
+    return np.abs(ours - expected).max() / np.abs(expected).max()
+
+
+@pytest.mark.parametrize("kind", ["sd21", "sd15"])
+def test_unet_parity_float32(kind, request):
+    case = request.getfixturevalue(kind)
+    assert case.ours.shape == case.expected.shape == (2, 16, 16, 4)
+    assert relative_error(case.ours, case.expected) <= 1e-4
+
+
+def test_unet_remat_full_parity(sd15):
+    out = run(sd15.model.clone(remat="full"), {"params": sd15.params}, sd15.inputs)
+    np.testing.assert_allclose(out, sd15.ours, rtol=0, atol=1e-6)
+
+
+def test_unet_bfloat16_compute_parity(sd15):
+    model, params = load_unet(sd15.folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params))
+    out = run(model, {"params": params}, sd15.inputs)
+    assert out.dtype == np.float32
+    assert relative_error(out, sd15.expected) <= 5e-2
+
+
+def test_unet_lora_adapters_on_q_and_v(sd15):
+    kernels = {p[:-1]: v.shape for p, v in traverse_util.flatten_dict(sd15.params).items()
+               if p[-2] in ("to_q", "to_v") and p[-1] == "kernel"}
+    assert len(kernels) == 16  # 4 transformer blocks (down, mid, 2 up) x (attn1, attn2) x (to_q, to_v)
+
+    def lora(up_std, rank=4):
+        keys = iter(jax.random.split(jax.random.PRNGKey(0), 2 * len(kernels)))
+        flat = {}
+        for path, (fan_in, fan_out) in kernels.items():
+            flat[path + ("down",)] = 0.1 * jax.random.normal(next(keys), (fan_in, rank))
+            flat[path + ("up",)] = up_std * jax.random.normal(next(keys), (rank, fan_out))
+        return traverse_util.unflatten_dict(flat)
+
+    forward = compile_forward(sd15.model, {"params": sd15.params, "lora": lora(0.0)}, sd15.inputs)
+    zero_up = forward({"params": sd15.params, "lora": lora(0.0)}, *sd15.inputs)
+    np.testing.assert_array_equal(np.asarray(zero_up), sd15.ours)
+    nonzero_up = forward({"params": sd15.params, "lora": lora(0.05)}, *sd15.inputs)
+    assert np.abs(np.asarray(nonzero_up) - sd15.ours).max() > 1e-3
+
+
+def test_config_round_trip_and_diffusers_builds_the_same_tensors(sd21, sd15):
+    for case in (sd21, sd15):
+        config = UNetConfig.from_diffusers(dict(case.torch_unet.config))
+        exported = unet_config_to_diffusers(config)
+        assert UNetConfig.from_diffusers(json.loads(json.dumps(exported))) == config
+        rebuilt = type(case.torch_unet).from_config(exported)
+        shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        assert shapes(rebuilt) == shapes(case.torch_unet)
+
+
+def test_sd21_base_config_reads_head_counts():
+    config = UNetConfig.from_diffusers(SD21_BASE_CONFIG)
+    assert config.num_attention_heads == (5, 10, 20, 20)  # legacy key: heads, so head size 64
+    assert config.layers_per_block == (2, 2, 2, 2) and config.cross_attention_dim == 1024
+    assert config.use_linear_projection and not config.upcast_attention
+    explicit = dict(SD21_BASE_CONFIG, attention_head_dim=64, num_attention_heads=[5, 10, 20, 20])
+    assert UNetConfig.from_diffusers(explicit) == config
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+    ("time_cond_proj_dim", 256, "time_cond_proj_dim=256"),
+    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift'"),
+    ("conv_in_kernel", 1, "conv_in_kernel=1"),
+    ("down_block_types", ["SimpleCrossAttnDownBlock2D"] + SD21_BASE_CONFIG["down_block_types"][1:],
+     "down_block_types='SimpleCrossAttnDownBlock2D'"),
+])
+def test_unsupported_config_option_is_named(key, value, named):
+    with pytest.raises(UnsupportedConfigError, match="unet/config.json") as err:
+        UNetConfig.from_diffusers(dict(SD21_BASE_CONFIG, **{key: value}))
+    assert named in str(err.value) and isinstance(err.value, ValueError)
+
+
+def test_mismatched_weights_name_every_bad_tensor(sd15, tmp_path):
+    state = weights.read_state_dict(sd15.folder)
+    del state["conv_in.bias"]
+    state["mid_block.attentions.0.proj_in.weightt"] = state.pop("mid_block.attentions.0.proj_in.weight")
+    state["time_embedding.linear_1.weight"] = state["time_embedding.linear_1.weight"].reshape(1, -1)
+    shutil.copy(os.path.join(sd15.folder, "config.json"), tmp_path)
+    weights.save_state_dict(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(weights.WeightsError) as err:
+        load_unet(str(tmp_path))
+    for name in ("conv_in.bias", "mid_block.attentions.0.proj_in.weight", "mid_block.attentions.0.proj_in.weightt",
+                 "time_embedding.linear_1.weight"):
+        assert name in str(err.value)
+
+
+def test_pickle_only_folder_is_refused(sd15, tmp_path):
+    shutil.copy(os.path.join(sd15.folder, "config.json"), tmp_path)
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(weights.WeightsError, match="pickle") as err:
+        load_unet(str(tmp_path))
+    assert "safe_serialization=True" in str(err.value)
