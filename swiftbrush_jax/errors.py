@@ -6,6 +6,10 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+class UsageError(ValueError):
+    """Command-line input a program cannot act on (bad flag combination, unusable output path)."""
+
+
 def user_error_types() -> tuple:
     """Exceptions whose message is written for the user: the fix is in the input, not the code."""
     from .checkpoint import CheckpointError
@@ -16,7 +20,7 @@ def user_error_types() -> tuple:
     from .weights import WeightsError
 
     return (CheckpointError, PromptSourceError, UnsupportedConfigError, PipelineError, ShardingError,
-            WeightsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+            WeightsError, UsageError, OSError)
 
 
 def exit_on_user_error(main):
@@ -27,7 +31,27 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except user_error_types() as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapped
+
+
+def parse_flags_or_exit(argv):
+    """absl flag parsing for ``app.run(flags_parser=...)``: a bad flag or config override is one line, exit 2."""
+    import re
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).strip("\"'")
+        unknown = re.fullmatch(r"'?([\w.]+)'?", message)
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        if isinstance(e, (AttributeError, KeyError)) and unknown:
+            culprit = next((a for a in overrides if unknown.group(1) in a), "a --config override")
+            message = (f"unknown config key {unknown.group(1)!r} in {culprit}; "
+                       "the keys are those of the config file (see swiftbrush_jax/config_base.py)")
+        print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

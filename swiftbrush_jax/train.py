@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from . import checkpoint as ckpt
 from . import data, sharding
 from . import distributed
-from .errors import exit_on_user_error
+from .errors import exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, make_sampler, to_uint8
 from .lora import init_lora, lora_scale
 from .pipeline import load_pipeline
@@ -42,6 +42,12 @@ class _StopRequest:
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+
+
+def log(message: str) -> None:
+    """Progress messages on the main process (absl's INFO stream is left to orbax's chatter)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def dtype_of(name: str):
@@ -73,11 +79,35 @@ def build_vsd(config, pipe) -> VSD:
         latent_shape=(latent, latent, unet_config.in_channels))
 
 
+def frozen_inputs(config, pipe, mesh):
+    """Teacher UNet and text encoder weights in the teacher dtype, and the empty-prompt embedding, on the mesh."""
+    teacher_dtype = dtype_of(config.teacher_dtype)
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), tree)
+    frozen = Frozen(teacher=cast(pipe.unet_params), text=cast(pipe.text_params),
+                    uncond=pipe.encode_text([""]).astype(jnp.float32))
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+    return jax.device_put(frozen, frozen_sh), frozen_sh
+
+
+def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False):
+    """A fresh train state (student copy, EMA, LoRA, optimizer states) created directly in its sharding,
+    and that sharding. ``abstract`` gives ShapeDtypeStructs instead, as a restore target."""
+    rng, lora_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    make_lora = lambda: init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
+    shapes = jax.eval_shape(lambda p: vsd.init_state(rng, p, make_lora()), student_params)
+    state_sh = sharding.tree_shardings(shapes, mesh)
+    if abstract:
+        return ckpt.abstract(shapes, state_sh), state_sh
+    create = jax.jit(lambda p: vsd.init_state(rng, p, make_lora()), out_shardings=state_sh)
+    return create(student_params), state_sh
+
+
 def main(argv):
     del argv
     config, workdir = _CONFIG.value, _WORKDIR.value
     if workdir is None:
         raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)
     distributed.initialize()
     is_main = jax.process_index() == 0
     stop = _StopRequest()
@@ -86,7 +116,7 @@ def main(argv):
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_batch(config.batch_size, mesh)
     prompts, stats = prompt_source(config)
-    logging.info("prompts: %s", stats.describe())
+    log(f"prompts: {stats.describe()}")
     stream = data.PromptStream(prompts, config.batch_size, config.seed, jax.process_index(), jax.process_count())
 
     teacher_source = config.teacher
@@ -100,30 +130,19 @@ def main(argv):
         student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
     vsd = build_vsd(config, pipe)
 
-    # Frozen inputs, cast once and laid out on the mesh.
-    teacher_dtype = dtype_of(config.teacher_dtype)
-    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), tree)
-    frozen = Frozen(teacher=cast(pipe.unet_params), text=cast(pipe.text_params),
-                    uncond=pipe.encode_text([""]).astype(jnp.float32))
-    frozen_sh = sharding.tree_shardings(frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
-
-    rng = jax.random.PRNGKey(config.seed)
-    rng, lora_rng = jax.random.split(rng)
-    lora = init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
-    state_shapes = jax.eval_shape(vsd.init_state, rng, student_params, lora)
-    state_sh = sharding.tree_shardings(state_shapes, mesh)
-    state = jax.jit(vsd.init_state, out_shardings=state_sh)(rng, student_params, lora)
-    del student_params
-
+    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
     mngr = ckpt.manager(workdir, config.keep_checkpoints)
     start = 0
     latest = ckpt.latest_step(mngr)
-    if latest is not None:
+    if latest is None:
+        state, state_sh = initial_state(config, vsd, student_params, mesh)
+    else:
         ckpt.check_compatible(ckpt.read_meta(mngr, latest)["fingerprint"], config)
-        state, meta = ckpt.restore(mngr, latest, ckpt.abstract(state, state_sh))
+        target, state_sh = initial_state(config, vsd, student_params, mesh, abstract=True)
+        state, meta = ckpt.restore(mngr, latest, target)
         start = stream.check_resumable(meta["prompts"])
-        logging.info("resumed from step %d", latest)
+        log(f"resumed from step {latest}")
+    del student_params
 
     step_fn = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
     sampler = Sampler(config, vsd, pipe, mesh) if config.sample_every else None
@@ -146,7 +165,7 @@ def main(argv):
             if t_first is None:
                 jax.block_until_ready(state.step)
                 t_first = time.time() - t_start
-                logging.info("first step done %.1f s after start (includes compilation)", t_first)
+                log(f"first step done {t_first:.1f} s after start (includes compilation)")
                 images, t_loop = 0, time.time()
             if step % config.log_every == 0 or step == config.total_steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -166,7 +185,7 @@ def main(argv):
             if step % config.checkpoint_every == 0 or step == config.total_steps or stop.signal:
                 save(step)
             if stop.signal:
-                logging.warning("%s received: saved step %d, exiting", stop.signal, step)
+                log(f"{stop.signal} received: saved step {step}, exiting")
                 break
     mngr.wait_until_finished()
     mngr.close()
@@ -242,4 +261,4 @@ class progress_bar:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(exit_on_user_error(main))
+    app.run(exit_on_user_error(main), flags_parser=parse_flags_or_exit)

@@ -67,6 +67,7 @@ def setup(tmp_path_factory):
                   t_vsd=torch.tensor([37, 912]), eps_vsd=torch.randn(B, 4, HW, HW), t_lora=torch.tensor([5, 640]),
                   eps_lora=torch.randn(B, 4, HW, HW), drop_mask=torch.tensor([True, False]))
     return dict(teacher_pt=teacher_pt, student_pt=student_pt, lora_pt_unet=lora_pt_unet, loras=loras, vsd=vsd,
+                grads_fn=jax.jit(vsd.losses_and_grads), update_fn=jax.jit(vsd.apply_grads),
                 teacher=teacher_params, student=student_params, lora=lora, schedule=schedule, inputs=inputs)
 
 
@@ -78,8 +79,7 @@ def jax_noise(i):
 
 def ours(s, **overrides):
     i = {**s["inputs"], **overrides}
-    fn = jax.jit(s["vsd"].losses_and_grads)
-    return fn(s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
+    return s["grads_fn"](s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
               jax_noise(i))
 
 
@@ -133,7 +133,7 @@ def test_full_update_matches_reference(setup, results):
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s["student"])
     g_student = state_dict_to_params(student_grads, shapes, "grads")
     metrics = {"loss_student": jnp.float32(1), "loss_lora": jnp.float32(1)}
-    new, out = jax.jit(vsd.apply_grads)(state, g_student, lora_grads, metrics, state.rng)
+    new, out = s["update_fn"](state, g_student, lora_grads, metrics, state.rng)
     assert bool(out["finite"])
 
     ema_pt = {k: v.clone() * 0.5 for k, v in s["student_pt"].state_dict().items()}
@@ -183,7 +183,7 @@ def test_zero_up_lora_teacher_equals_teacher(setup):
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(adapted))
     # With zero up-weights the VSD gradient vanishes, so does the student's gradient.
     i = s["inputs"]
-    _, gs, _ = jax.jit(s["vsd"].losses_and_grads)(s["student"], fresh, s["teacher"], ctx,
+    _, gs, _ = s["grads_fn"](s["student"], fresh, s["teacher"], ctx,
                                                   jnp.asarray(i["uncond"].numpy()), jax_noise(i))
     assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(gs))
 
@@ -195,7 +195,7 @@ def test_nonfinite_update_is_skipped(setup):
     nan_grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), s["student"])
     zero_lora = jax.tree_util.tree_map(jnp.zeros_like, s["lora"])
     metrics = {"loss_student": jnp.float32(1), "loss_lora": jnp.float32(1)}
-    new, out = jax.jit(vsd.apply_grads)(state, nan_grads, zero_lora, metrics, state.rng)
+    new, out = s["update_fn"](state, nan_grads, zero_lora, metrics, state.rng)
     assert not bool(out["finite"]) and int(new.skipped) == 1 and int(new.skip_streak) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves((state.student, state.ema, state.lora, state.student_opt)),
                     jax.tree_util.tree_leaves((new.student, new.ema, new.lora, new.student_opt))):

@@ -1,0 +1,83 @@
+"""The train step on 8 simulated CPU devices equals the step on one device; the rule table's layouts."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from swiftbrush_jax import sharding
+from swiftbrush_jax.pipeline import load_pipeline
+from swiftbrush_jax.tiny import make_tiny_pipeline
+from swiftbrush_jax.train import build_vsd, frozen_inputs, initial_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = load_config("tiny")
+    config.batch_size = 8
+    pipe = load_pipeline(make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipe")))
+    ids = pipe.tokenize([f"prompt {i}" for i in range(8)])
+    return config, pipe, build_vsd(config, pipe), ids
+
+
+def run_steps(setup, mesh, steps=2):
+    config, pipe, vsd, ids = setup
+    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
+    state, state_sh = initial_state(config, vsd, pipe.unet_params, mesh)
+    step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    for _ in range(steps):
+        state, metrics = step(state, frozen, sharding.global_batch_array(ids, mesh))
+    assert step._cache_size() == 1  # compiled once, reused across steps
+    return jax.device_get(state), jax.device_get(metrics), state
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    return run_steps(setup, sharding.make_mesh(1, 1, jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("data,fsdp", [(2, 4), (8, 1)])
+def test_sharded_step_equals_single_device(setup, single, data, fsdp):
+    assert len(jax.devices()) == 8
+    want, want_metrics, _ = single
+    got, got_metrics, live = run_steps(setup, sharding.make_mesh(data, fsdp))
+    for k in ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora"):
+        np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-4, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=2e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    if fsdp > 1:  # large arrays really are split over the fsdp axis
+        for tree in (live.student, live.ema, live.student_opt):
+            largest = max(jax.tree_util.tree_leaves(tree), key=lambda x: x.size)
+            assert largest.size >= sharding.MIN_SHARD_SIZE and "fsdp" in largest.sharding.spec
+            assert largest.addressable_shards[0].data.size * fsdp == largest.size
+
+
+def test_rule_table_picks_a_divisible_dimension():
+    assert sharding.spec_for("student/conv_in/kernel", (3, 3, 4, 320), 8, min_size=0) == P(None, None, None, "fsdp")
+    assert sharding.spec_for("a/to_q/kernel", (1024, 1280), 8, min_size=0) == P(None, "fsdp")
+    assert sharding.spec_for("conv_out/kernel", (3, 3, 320, 4), 8, min_size=0) == P(None, None, "fsdp", None)
+    assert sharding.spec_for("norm/scale", (1280,), 8, min_size=0) == P()  # norms replicate
+    assert sharding.spec_for("a/kernel", (3, 5), 8, min_size=0) == P()  # nothing divisible
+    assert sharding.spec_for("a/kernel", (64, 64), 8) == P()  # too small to be worth splitting
+    assert sharding.spec_for("a/kernel", (1024, 1280), 1) == P()
+
+
+def test_indivisible_batch_is_a_clear_error():
+    mesh = sharding.make_mesh(-1, 2)
+    with pytest.raises(sharding.ShardingError, match=r"batch_size=6 is not divisible by the 8 devices"):
+        sharding.check_batch(6, mesh)
+    with pytest.raises(sharding.ShardingError, match="fsdp=3 does not divide"):
+        sharding.make_mesh(-1, 3)
