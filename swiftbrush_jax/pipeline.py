@@ -7,7 +7,7 @@ Only what the project needs is fetched from the Hub: each component's
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -139,7 +139,3 @@ def load_pipeline(
         pipe.unet, pipe.unet_params = load_unet(dirs["unet"], dtype, param_dtype, remat=unet_remat)
     return pipe
 
-
-def model_index(root: str) -> Optional[dict]:
-    path = os.path.join(root, "model_index.json")
-    return read_json(path) if os.path.exists(path) else None
