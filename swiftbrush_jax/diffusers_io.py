@@ -53,25 +53,36 @@ def copy_components(src_root: str, dst_root: str, names: Iterable[str]) -> None:
         shutil.copytree(os.path.join(src_root, name), os.path.join(dst_root, name), symlinks=False)
 
 
-def write_clip_tokenizer(folder: str, corpus: Iterable[str], vocab_size: int = 400, max_length: int = 77) -> int:
-    """A small CLIP-style BPE tokenizer (vocab.json + merges.txt) trained on ``corpus``; returns its size.
+def write_clip_tokenizer(folder: str, corpus: Iterable[str], max_length: int = 77) -> int:
+    """A small CLIP-style BPE tokenizer (vocab.json + merges.txt) whose words are ``corpus``'s; returns its size.
 
     Real pipelines ship OpenAI's CLIP vocabulary; tiny and toy pipelines need
-    one that fits their tiny text encoders.
+    one that fits their tiny text encoders. The vocabulary is built by rule, not
+    trained (the tokenizers trainer breaks ties in hash order, so two runs differ):
+    every character, alone and word-final, then each word's left-to-right merges.
+    Words outside the corpus still tokenize, character by character.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
     specials = ["<|startoftext|>", "<|endoftext|>"]
-    tok = Tokenizer(models.BPE(unk_token=specials[1], end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, end_of_word_suffix="</w>",
-                                  initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(list(corpus), trainer)
+    words = sorted({w for text in corpus for w in text.lower().split()})
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-") | set("".join(words)))
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            if merged not in tokens:
+                tokens.append(merged)
+    tokens += specials
     os.makedirs(folder, exist_ok=True)
-    tok.model.save(folder)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     write_json(os.path.join(folder, "tokenizer_config.json"), {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": specials[0],
         "eos_token": specials[1], "unk_token": specials[1], "pad_token": specials[1]})
-    return tok.get_vocab_size()
+    return len(tokens)

@@ -46,10 +46,12 @@ def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
         return out_dir
     tmp = out_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    vocab = dio.write_clip_tokenizer(os.path.join(tmp, "tokenizer"), CORPUS * 4)
+    vocab = dio.write_clip_tokenizer(os.path.join(tmp, "tokenizer"), CORPUS)
     k_unet, k_vae, k_text = jax.random.split(jax.random.PRNGKey(seed), 3)
 
-    text_cfg = CLIPTextConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1, **TINY_TEXT)
+    # write_clip_tokenizer puts its two special tokens last: start, then end (also padding).
+    text_cfg = CLIPTextConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                              **TINY_TEXT)
     text_params = _init(CLIPTextModel(text_cfg), k_text, jnp.zeros((1, 77), jnp.int32))
     dio.write_component(os.path.join(tmp, "text_encoder"), text_cfg.to_transformers(), text_params, dio.TEXT_WEIGHTS)
 
