@@ -1,0 +1,148 @@
+"""Export a trained student as a complete diffusers ``StableDiffusionPipeline`` folder.
+
+    python -m swiftbrush_jax.export --workdir runs/sd21 --out swiftbrush-sd21 [--step N] [--no-ema]
+
+``unet/`` is the student (float32 safetensors, the teacher's UNet config);
+``vae/``, ``text_encoder/`` and ``tokenizer/`` are copied verbatim from the
+teacher; the DDIM scheduler config makes ``num_inference_steps=1`` call the
+UNet once at the student's timestep and return its predicted x0 unchanged, so
+``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` reproduces
+``swiftbrush_jax.sample``. Everything is written to a temporary sibling folder
+renamed to ``--out`` at the end: a failed export leaves no partial ``--out``.
+"""
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+from . import diffusers_io as dio
+from .errors import UsageError, exit_on_user_error
+from .models.unet import unet_config_to_diffusers
+from .schedule import NoiseSchedule
+from .student import TrainedStudent, load_trained_student
+
+COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def one_step_scheduler_config(schedule: NoiseSchedule, t: int) -> dict:
+    """A DDIMScheduler config whose 1-step schedule is [t] and whose final step returns x0 exactly.
+
+    ``trailing`` spacing gives [T - 1] at one step (and a sensible spread at
+    more); with ``set_alpha_to_one`` the step lands on abar = 1, where DDIM's
+    update is 1 * x0 + 0 * eps; ``clip_sample`` off keeps x0 unclipped, as our
+    sampler does. ``steps_offset`` is unused by trailing spacing; it is 1
+    because StableDiffusionPipeline rewrites any other value with a warning.
+    No DDIM config that pipeline accepts reaches another t in one step.
+    """
+    last = schedule.num_train_timesteps - 1
+    if t != last:
+        raise UsageError(f"the student was trained at t={t}; a diffusers DDIM pipeline calls a one-step model "
+                         f"at t={last} only, so it cannot reproduce this student")
+    return schedule.to_ddim_config(timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=True,
+                                   clip_sample=False)
+
+
+def teacher_name(teacher_root: str) -> str:
+    """The Hub id of a Hugging Face cache snapshot, else the folder itself."""
+    match = HUB_SNAPSHOT.search(teacher_root.replace(os.sep, "/"))
+    return f"{match.group(1)}/{match.group(2)}" if match else teacher_root
+
+
+def model_card(student: TrainedStudent) -> str:
+    """A short README.md: what the folder is, how it was made, how to use it."""
+    weights = "the EMA of the student's weights" if student.ema else "the raw student weights (no EMA)"
+    prompts = student.meta.get("fingerprint", {}).get("prompts")
+    trained_on = f" on the prompts `{prompts}`" if prompts else ""
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, swiftbrush, one-step, distillation]
+---
+
+# SwiftBrush one-step student
+
+A one-step text-to-image generator distilled from `{teacher_name(student.teacher_root)}` with
+SwiftBrush (Nguyen & Tran, CVPR 2024): variational score distillation from the frozen teacher
+and a LoRA teacher, trained on prompts only, no images.
+
+- Made with swiftbrush-jax: {student.step} training steps{trained_on}; `unet/` holds {weights}.
+- The student is called once at timestep {student.t} and its output turned into the clean latent x0.
+- `vae/`, `text_encoder/` and `tokenizer/` are the teacher's, unchanged; the scheduler is DDIM
+  set up so that one step returns the student's x0 exactly.
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]
+```
+
+Use exactly one inference step and `guidance_scale=0`: the student makes an image in one
+call, and the teacher's classifier-free guidance is already distilled into it.
+"""
+
+
+def prepare_out(out: str) -> str:
+    """The absolute ``--out``; refuse one that already holds something."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"--out {out} already exists and is not empty; pick a new folder or remove it")
+    return out
+
+
+def write_pipeline(student: TrainedStudent, scheduler_config: dict, folder: str) -> None:
+    """Every file of the exported pipeline, into an existing empty ``folder``."""
+    dio.write_component(os.path.join(folder, "unet"), unet_config_to_diffusers(student.unet.config),
+                        student.params, dio.UNET_WEIGHTS)
+    dio.copy_components(student.teacher_root, folder, COPIED_COMPONENTS)
+    dio.write_scheduler(folder, scheduler_config)
+    dio.write_model_index(folder, "DDIMScheduler")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(model_card(student))
+
+
+def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True) -> str:
+    """Write the pipeline folder ``out`` from a workdir's checkpoint; returns its absolute path."""
+    out = prepare_out(out)
+    student = load_trained_student(workdir, step, ema)
+    scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(student.teacher_root), student.t)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        write_pipeline(student, scheduler_config, tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above; rename cannot replace it otherwise
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
+    parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw student instead of its EMA")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's restore notices are not for this tool's user
+    out = export(args.workdir, args.out, args.step, not args.no_ema)
+    print(f"exported {'EMA ' if not args.no_ema else ''}student of {args.workdir} to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)(sys.argv[1:])

