@@ -35,3 +35,18 @@ def initialize() -> None:
         jax.distributed.initialize(f[_COORDINATOR].value, f.num_processes, f.process_id)
     elif _cluster_detected():
         jax.distributed.initialize()
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process gets here, through the coordination service rather than a collective.
+
+    On CPU, the first cross-process collective must be reached by all processes
+    within gloo's fixed 30 s context timeout; work that takes one process much
+    longer than another (writing a tiny teacher, a slow compile) is fenced with
+    this barrier, whose timeout is ours.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the coordination client has no public accessor
+
+    jax_distributed.global_state.client.wait_at_barrier(f"swiftbrush:{name}", timeout_s * 1000)
