@@ -1,0 +1,46 @@
+"""SwiftBrush on a laptop: distil the shipped shapes teacher (swiftbrush_jax/toy/teacher) on a CPU.
+
+The paper's method with the constants scaled to a 1M-parameter teacher and a
+run of minutes instead of 250k steps:
+
+* student lr 2e-4 (paper 1e-6): Adam moves each weight by about lr per step,
+  so 1e-6 would leave the student a copy of the teacher after a few hundred
+  steps; 2e-4 is a fine-tuning rate for a UNet this small (the teacher was
+  trained at 1e-3). LoRA lr stays at the paper's 1e-3.
+* batch 8, 600 steps: about 11 minutes on 2 shared CPU cores (measured in
+  two legs, 250 steps beside both ablations in 475 s including a 250 s
+  compile, then 350 steps in 197 s); benchmarks/results/shapes_table.md.
+* LoRA rank 8 (paper 64 on 320-1280 wide layers; here 32-64 wide), alpha
+  keeping the paper's alpha / rank = 108 / 64.
+* CFG 3 for the teacher and the LoRA teacher (paper 4.5). Measured on the
+  teacher, DDIM 25 steps, 18 prompts x 6 seeds (colour / joint acc., FD):
+  CFG 1.5: 0.62 / 0.21 / 1.49; CFG 3: 0.76 / 0.29 / 1.74; CFG 4.5: 0.76 /
+  0.28 / 2.19. 4.5 buys no accuracy over 3 and costs FD and
+  diversity; 1.5 loses a fifth of the colour accuracy.
+* float32 everywhere (CPU).
+"""
+
+from swiftbrush_jax.config_base import base_config
+from swiftbrush_jax.toy import teacher_path
+from swiftbrush_jax.toy.shapes import all_prompts
+
+
+def get_config():
+    c = base_config()
+    c.teacher = teacher_path()
+    c.prompts = "shapes"
+    c.validation_prompts = tuple(all_prompts()[::2])[:8]
+    c.batch_size = 8
+    c.total_steps = 600
+    c.log_every = 25
+    c.checkpoint_every = 300
+    c.sample_every = 150
+    c.lora.rank = 8
+    c.lora.alpha = 8 * 108.0 / 64
+    c.student_optimizer.lr = 2e-4
+    c.lora_optimizer.lr = 1e-3
+    c.vsd.guidance_scale = 3.0
+    c.vsd.lora_guidance_scale = 3.0
+    c.teacher_dtype = "float32"
+    c.student_compute_dtype = "float32"
+    return c

@@ -1,0 +1,115 @@
+"""Train the shapes teacher and write it as a diffusers Stable Diffusion folder.
+
+    python -m swiftbrush_jax.toy.make_teacher --out swiftbrush_jax/toy/teacher
+
+Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents
+(swiftbrush_jax.toy.teacher_training). The folder loads with
+``pipeline.load_pipeline`` and with diffusers' ``StableDiffusionPipeline``.
+A stage whose component folder already exists in --out is loaded instead of
+retrained, so an interrupted run resumes at the stage it was in. The result
+is a deterministic function of the seeds below (on one platform).
+Cost of the shipped teacher: about 13 CPU-minutes for VAE + UNet plus the decoder
+fine-tune (README.md, "The shapes teacher").
+"""
+
+import argparse
+import dataclasses
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from .. import diffusers_io as dio
+from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.unet import UNet2DConditionModel, UNetConfig, unet_config_to_diffusers
+from ..models.vae import AutoencoderKL, VAEConfig, load_vae
+from ..pipeline import load_tokenizer
+from ..schedule import NoiseSchedule
+from . import shapes
+from . import teacher_arch as arch
+from .teacher_training import (StageConfig, encode_dataset, finetune_decoder, init_params, latent_scaling_factor,
+                               train_denoiser, train_vae)
+
+VAE_STAGE = StageConfig(steps=500, batch_size=16, lr=1e-3, warmup_steps=50, seed=1)
+DECODER_STAGE = StageConfig(steps=600, batch_size=16, lr=1e-3, warmup_steps=20, seed=4)
+VAE_KL_WEIGHT = 1e-4  # per latent element, against a per-pixel L1: keeps the posterior nearly deterministic
+DENOISER_STAGE = StageConfig(steps=1400, batch_size=32, lr=1e-3, warmup_steps=100, seed=2)
+DENOISER_EMA = 0.995
+TRAIN_IMAGES, TRAIN_IMAGES_SEED = 8192, 3
+INIT_SEED = 0
+
+
+def write_tokenizer(out: str) -> list:
+    """A BPE tokenizer on the shapes captions; returns the token ids of every caption and of ""."""
+    folder = os.path.join(out, "tokenizer")
+    dio.write_clip_tokenizer(folder, shapes.all_prompts() * 4, max_length=arch.MAX_TOKENS)
+    tokenizer = load_tokenizer(folder)
+    prompts = shapes.all_prompts() + [""]
+    return tokenizer(prompts, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True).input_ids, len(tokenizer)
+
+
+def make_vae(out: str, vae_steps: int, decoder_steps: int):
+    """Stage 1 (VAE, then its decoder alone), or the VAE already in --out; returns (module, params)."""
+    folder = os.path.join(out, "vae")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        print(f"[vae] reusing {folder}", flush=True)
+        return load_vae(folder)
+    config = VAEConfig.from_diffusers(arch.VAE)
+    vae = AutoencoderKL(config)
+    params = init_params(vae, INIT_SEED, jnp.zeros((1, arch.IMAGE_PX, arch.IMAGE_PX, 3)))
+    params = train_vae(vae, params, dataclasses.replace(VAE_STAGE, steps=vae_steps), VAE_KL_WEIGHT, arch.IMAGE_PX)
+    images, _, _ = shapes.sample_dataset(1024, TRAIN_IMAGES_SEED + 1, arch.IMAGE_PX)
+    means, _ = encode_dataset(vae, params, images)
+    config = dataclasses.replace(config, scaling_factor=latent_scaling_factor(means))
+    params = finetune_decoder(vae, params, dataclasses.replace(DECODER_STAGE, steps=decoder_steps), arch.IMAGE_PX)
+    dio.write_component(folder, config.to_diffusers(), params, dio.UNET_WEIGHTS)
+    return AutoencoderKL(config), params
+
+
+def make_denoiser(out: str, vae, vae_params, token_ids, vocab_size: int, unet_steps: int) -> None:
+    """Stage 2: trains and writes unet/ and text_encoder/."""
+    images, captions, _ = shapes.sample_dataset(TRAIN_IMAGES, TRAIN_IMAGES_SEED, arch.IMAGE_PX)
+    means, stds = encode_dataset(vae, vae_params, images)
+    scale = vae.config.scaling_factor
+    prompts = shapes.all_prompts()
+    prompt_index = np.array([prompts.index(c) for c in captions])
+
+    text_config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch.TEXT)
+    text_encoder = CLIPTextModel(text_config)
+    unet_config = UNetConfig.from_diffusers(arch.UNET)
+    unet = UNet2DConditionModel(unet_config)
+    params = {
+        "text": init_params(text_encoder, INIT_SEED + 1, jnp.zeros((1, arch.MAX_TOKENS), jnp.int32)),
+        "unet": init_params(unet, INIT_SEED + 2, jnp.zeros((1, arch.LATENT_PX, arch.LATENT_PX, 4)),
+                            jnp.zeros((1,), jnp.int32), jnp.zeros((1, arch.MAX_TOKENS, arch.TEXT["hidden_size"]))),
+    }
+    schedule = NoiseSchedule.from_config(arch.SCHEDULER)
+    stage = dataclasses.replace(DENOISER_STAGE, steps=unet_steps)
+    ema = train_denoiser(unet, text_encoder, params, (means * scale, stds * scale), prompt_index,
+                         np.asarray(token_ids, np.int32), schedule, stage, DENOISER_EMA)
+    dio.write_component(os.path.join(out, "text_encoder"), text_config.to_transformers(), ema["text"],
+                        dio.TEXT_WEIGHTS)
+    dio.write_component(os.path.join(out, "unet"), unet_config_to_diffusers(unet_config), ema["unet"],
+                        dio.UNET_WEIGHTS)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="diffusers folder to write")
+    parser.add_argument("--vae-steps", type=int, default=VAE_STAGE.steps)
+    parser.add_argument("--decoder-steps", type=int, default=DECODER_STAGE.steps)
+    parser.add_argument("--unet-steps", type=int, default=DENOISER_STAGE.steps)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    token_ids, vocab_size = write_tokenizer(args.out)
+    vae, vae_params = make_vae(args.out, args.vae_steps, args.decoder_steps)
+    make_denoiser(args.out, vae, vae_params, token_ids, vocab_size, args.unet_steps)
+    dio.write_scheduler(args.out, arch.SCHEDULER)
+    dio.write_model_index(args.out, "DDPMScheduler")
+    print(f"wrote {args.out} in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

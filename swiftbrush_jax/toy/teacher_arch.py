@@ -1,0 +1,32 @@
+"""Architecture of the shapes teacher: Stable Diffusion's component classes at laptop size.
+
+32 px RGB images; an AutoencoderKL with three levels (32 -> 8 px, 4 latent
+channels, 12x compression, SD's is 48x); a 2-level UNet2DConditionModel with
+cross-attention in every block (8x8 and 4x4 latents); a 2-layer CLIP text
+encoder over a 16-token context; SD 2.1's DDPM schedule, epsilon prediction.
+Every dict here is what diffusers/transformers read from config.json.
+"""
+
+IMAGE_PX = 32
+LATENT_PX = 8
+MAX_TOKENS = 16
+
+VAE = dict(
+    block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    sample_size=IMAGE_PX, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+UNET = dict(
+    sample_size=LATENT_PX, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(1, 2), cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            hidden_act="gelu", max_position_embeddings=MAX_TOKENS, projection_dim=64)
+# SD 2.1's scheduler (DDPM, scaled_linear 0.00085..0.012, 1000 steps, epsilon).
+SCHEDULER = {
+    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+}

@@ -1,0 +1,182 @@
+"""The two training stages of the shapes teacher, as Stable Diffusion was trained: VAE, then latent UNet.
+
+Stage 1 fits an AutoencoderKL to freshly rendered shapes images (L1
+reconstruction plus a small KL term, sampled posterior, as in LDM without
+the perceptual and GAN losses), then fine-tunes its decoder alone on
+posterior means for sharper edges. Stage 2 encodes a fixed set of renders once
+and trains the UNet and the CLIP text encoder jointly on the scaled latents
+with the epsilon objective, replacing 10% of the captions by "" so that
+classifier-free guidance works. Both stages use Adam with warm-up and cosine
+decay and are deterministic functions of their seeds.
+"""
+
+import dataclasses
+import time
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import schedule as sched
+from . import shapes
+
+EMPTY_PROMPT_PROB = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Steps, batch and optimizer of one training stage."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    seed: int
+
+
+def adam(stage: StageConfig) -> optax.GradientTransformation:
+    warmup = min(stage.warmup_steps, stage.steps - 1)
+    lr = optax.warmup_cosine_decay_schedule(0.0, stage.lr, warmup, stage.steps, stage.lr * 0.01)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+
+
+def to_signed(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1], the VAE's input range."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def log_progress(name: str, step: int, total: int, loss: float, t0: float) -> None:
+    print(f"[{name}] step {step}/{total} loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def train_vae(vae, params, stage: StageConfig, kl_weight: float, image_px: int, log_every: int = 100):
+    """Stage 1: returns the trained VAE params; each step renders a new batch (seed + step)."""
+    tx = adam(stage)
+
+    def loss_fn(p, x, key):
+        mean, logvar = vae.apply({"params": p}, x, method=vae.encode)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        recon = vae.apply({"params": p}, z, method=vae.decode)
+        kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+        return jnp.mean(jnp.abs(recon - x)) + kl_weight * kl
+
+    @jax.jit
+    def step_fn(p, opt, x, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, key)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, loss
+
+    opt = tx.init(params)
+    key = jax.random.PRNGKey(stage.seed)
+    t0 = time.time()
+    for step in range(stage.steps):
+        images, _, _ = shapes.sample_dataset(stage.batch_size, stage.seed * 1_000_003 + step, image_px)
+        params, opt, loss = step_fn(params, opt, jnp.asarray(to_signed(images)), jax.random.fold_in(key, step))
+        if (step + 1) % log_every == 0 or step + 1 == stage.steps:
+            log_progress("vae", step + 1, stage.steps, float(loss), t0)
+    return params
+
+
+def finetune_decoder(vae, params, stage: StageConfig, image_px: int, log_every: int = 100):
+    """Stage 1b: L1 fine-tuning of the decoder alone on posterior means (like SD's ft-MSE VAE decoders).
+
+    The encoder, hence the latent space the UNet learns, is untouched, so this
+    sharpens images without invalidating the latents.
+    """
+    tx = adam(stage)
+    decoder_keys = ("decoder", "post_quant_conv")
+
+    def loss_fn(decoder_params, frozen, x):
+        p = {**frozen, **decoder_params}
+        mean, _ = vae.apply({"params": p}, x, method=vae.encode)
+        return jnp.mean(jnp.abs(vae.apply({"params": p}, jax.lax.stop_gradient(mean), method=vae.decode) - x))
+
+    @jax.jit
+    def step_fn(decoder_params, frozen, opt, x):
+        loss, grads = jax.value_and_grad(loss_fn)(decoder_params, frozen, x)
+        updates, opt = tx.update(grads, opt, decoder_params)
+        return optax.apply_updates(decoder_params, updates), opt, loss
+
+    decoder_params = {k: params[k] for k in decoder_keys}
+    frozen = {k: v for k, v in params.items() if k not in decoder_keys}
+    opt = tx.init(decoder_params)
+    t0 = time.time()
+    for step in range(stage.steps):
+        images, _, _ = shapes.sample_dataset(stage.batch_size, stage.seed * 1_000_003 + step, image_px)
+        decoder_params, opt, loss = step_fn(decoder_params, frozen, opt, jnp.asarray(to_signed(images)))
+        if (step + 1) % log_every == 0 or step + 1 == stage.steps:
+            log_progress("decoder", step + 1, stage.steps, float(loss), t0)
+    return {**frozen, **decoder_params}
+
+
+def encode_dataset(vae, params, images: np.ndarray, chunk: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """Posterior (mean, std) of the unscaled latents of uint8 images, in chunks."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        mean, logvar = encode(params, jnp.asarray(to_signed(images[start:start + chunk])))
+        means.append(np.asarray(mean))
+        stds.append(np.asarray(jnp.exp(0.5 * logvar)))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def latent_scaling_factor(means: np.ndarray) -> float:
+    """SD's scaling_factor: 1 / std of the latents, so the diffusion model sees unit variance."""
+    return float(1.0 / means.std())
+
+
+def train_denoiser(unet, text_encoder, params: Dict, latents: Tuple[np.ndarray, np.ndarray],
+                   prompt_index: np.ndarray, token_ids: np.ndarray, schedule: sched.NoiseSchedule,
+                   stage: StageConfig, ema_decay: float, log_every: int = 100) -> Dict:
+    """Stage 2: epsilon-prediction training of {"unet", "text"} params; returns their EMA.
+
+    latents: (mean, std) of the scaled latents of the training images;
+    prompt_index[i] is the row of token_ids holding image i's caption, and the
+    last row of token_ids is the empty prompt, used with probability 0.1.
+    """
+    tx = adam(stage)
+    means, stds = (jnp.asarray(a) for a in latents)
+    ids = jnp.asarray(token_ids)
+    prompt_index = jnp.asarray(prompt_index)
+    empty = len(token_ids) - 1
+    n_train = schedule.num_train_timesteps
+
+    def loss_fn(p, idx, key):
+        k_z, k_t, k_eps, k_drop = jax.random.split(key, 4)
+        x0 = means[idx] + stds[idx] * jax.random.normal(k_z, means[idx].shape)
+        t = jax.random.randint(k_t, (len(idx),), 0, n_train)
+        eps = jax.random.normal(k_eps, x0.shape)
+        rows = jnp.where(jax.random.uniform(k_drop, (len(idx),)) < EMPTY_PROMPT_PROB, empty, prompt_index[idx])
+        context = text_encoder.apply({"params": p["text"]}, ids[rows])
+        out = unet.apply({"params": p["unet"]}, sched.add_noise(schedule, x0, eps, t), t, context)
+        return jnp.mean((out - sched.target(schedule, x0, eps, t)) ** 2)
+
+    @jax.jit
+    def step_fn(p, ema, opt, key):
+        k_idx, k_loss = jax.random.split(key)
+        idx = jax.random.randint(k_idx, (stage.batch_size,), 0, len(means))
+        loss, grads = jax.value_and_grad(loss_fn)(p, idx, k_loss)
+        updates, opt = tx.update(grads, opt, p)
+        p = optax.apply_updates(p, updates)
+        ema = jax.tree_util.tree_map(lambda e, q: ema_decay * e + (1.0 - ema_decay) * q, ema, p)
+        return p, ema, opt, loss
+
+    opt = tx.init(params)
+    ema = params
+    key = jax.random.PRNGKey(stage.seed)
+    t0 = time.time()
+    running = []
+    for step in range(stage.steps):
+        params, ema, opt, loss = step_fn(params, ema, opt, jax.random.fold_in(key, step))
+        running.append(loss)
+        if (step + 1) % log_every == 0 or step + 1 == stage.steps:
+            log_progress("unet", step + 1, stage.steps, float(jnp.mean(jnp.stack(running))), t0)
+            running = []
+    return ema
+
+
+def init_params(module, seed: int, *inputs) -> Dict:
+    """A module's freshly initialised params for example inputs."""
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), *inputs)["params"]
