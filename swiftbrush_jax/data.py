@@ -79,6 +79,9 @@ class _PromptCollector:
             self.stats.kept += 1
 
     def add_bytes(self, raw: bytes) -> None:
+        if b"\0" in raw:  # UTF-16/32 text or binary data: may pass as UTF-8, but is never a prompt
+            self.add_undecodable()
+            return
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
