@@ -4,13 +4,23 @@ Each checkpoint holds the ``TrainState`` (student, EMA, LoRA, both optimizer
 states, step, RNG) and a JSON record: the prompt-stream position and a
 fingerprint of the config keys that shape the state. The frozen teacher is
 never written: it is re-read from its source on resume.
+
+A checkpoint is only ever trusted once it reads back bit for bit: the JSON
+record carries a checksum of every array, and resuming verifies them. One that
+fails is moved aside (never deleted) and the previous one is used instead.
 """
 
 import os
-from typing import Optional
+import re
+import shutil
+from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from . import distributed
 
 # Config keys whose change makes an old checkpoint meaningless for a new run.
 FINGERPRINT_KEYS = ("teacher", "student_init", "lora.rank", "lora.alpha", "lora.targets", "seed", "prompts")
@@ -18,6 +28,14 @@ FINGERPRINT_KEYS = ("teacher", "student_init", "lora.rank", "lora.alpha", "lora.
 
 class CheckpointError(ValueError):
     """A workdir whose checkpoints cannot be used by this run; the message says why."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (full disk, lost mount); the ones already written are untouched."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that does not read back as it was written (truncated, overwritten, half deleted)."""
 
 
 def fingerprint(config) -> dict:
@@ -31,13 +49,102 @@ def fingerprint(config) -> dict:
 
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    """The workdir's checkpoint manager. Unfinished writes (``<step>.orbax-checkpoint-tmp-*`` left by a
+    killed or failed save) are removed, as they are never complete. Old checkpoints are only deleted
+    by ``max_to_keep`` after a newer one has been committed."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def first_line(error: Exception) -> str:
+    """An exception as one short line (tensorstore appends a many-line spec dump)."""
+    text = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore")[0][:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    """Start writing checkpoint ``step`` (asynchronously if the manager is); ``meta`` gains the state's checksums."""
+    meta = {**meta, "checksums": checksums(state)}
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # orbax/tensorstore raise many types for a failed write (ENOSPC, EIO, ...)
+        raise write_error(mngr, e) from None
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+    """Wait for the last asynchronous write; a failed one is a CheckpointWriteError."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # see save()
+        raise write_error(mngr, e) from None
+
+
+def ensure_space(mngr: ocp.CheckpointManager, state, step: int) -> None:
+    """Refuse to start checkpoint ``step`` where it cannot fit. A write that runs out of space midway
+    leaves the earlier checkpoints intact too, but fails deep in orbax's threads, with pages of tracebacks."""
+    finish(mngr)  # the previous write, and the deletions that follow it, change the free space
+    directory = str(mngr.directory)
+    if not os.path.isdir(directory):  # remote storage (gs://...) has no free-space figure
+        return
+    need = sum(shard.data.nbytes for x in jax.tree_util.tree_leaves(state)
+               for shard in x.addressable_shards if shard.replica_id == 0)
+    free = shutil.disk_usage(directory).free
+    if need + need // 20 + 2**20 > free:
+        raise CheckpointWriteError(f"could not write checkpoint {step} to {directory} (it needs about "
+                                   f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free); {_intact(mngr)}")
+
+
+def write_error(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+    """The one-line report of a failed write: its OS-level cause (tensorstore buries it deep in the message)."""
+    code = getattr(error, "errno", None) or re.search(r"os_error_code='(\d+)'", str(error))
+    cause = os.strerror(int(code if isinstance(code, int) else code.group(1))) if code else first_line(error)
+    return CheckpointWriteError(f"could not write a checkpoint to {mngr.directory} ({cause}); {_intact(mngr)}")
+
+
+def _intact(mngr: ocp.CheckpointManager) -> str:
+    """What is left after a failed write: the newest checkpoint complete on disk, and how to go on."""
+    mngr.reload()
+    complete = mngr.all_steps()
+    newest = f"step {max(complete)}" if complete else "none yet"
+    return (f"the checkpoints already there are intact (newest: {newest}); "
+            "fix the cause (e.g. free disk space) and rerun to resume")
+
+
+_UINT_OF_WIDTH = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _odd_weights(shape: tuple) -> jax.Array:
+    """2 * (row-major flat index) + 1, mod 2**32, built without a reshape so sharded arrays stay put."""
+    strides = np.cumprod((1,) + shape[:0:-1])[::-1] if shape else ()
+    index = sum((jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(int(s) % 2**32)
+                 for d, s in enumerate(strides)), jnp.zeros(shape, jnp.uint32))
+    return 2 * index + 1
+
+
+def _tree_checksums(tree):
+    """Per array: the sum of its raw bits times odd position weights, mod 2**32. Odd weights make any single
+    changed value change the sum, and moved values change it too. Weights are built once per shape, as
+    tracing a few ops for each of thousands of arrays is most of the cost."""
+    weights = {}
+
+    def checksum(x):
+        if x.shape not in weights:
+            weights[x.shape] = _odd_weights(x.shape)
+        bits = jax.lax.bitcast_convert_type(x, _UINT_OF_WIDTH[x.dtype.itemsize]).astype(jnp.uint32)
+        return jnp.sum(bits * weights[x.shape], dtype=jnp.uint32)
+
+    return jax.tree_util.tree_map(checksum, tree)
+
+
+_checksum_tree = jax.jit(_tree_checksums)
+
+
+def checksums(state) -> dict:
+    """{array path: checksum} of a train state, computed where the arrays live."""
+    sums = jax.device_get(_checksum_tree(state))
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): int(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(sums)}
 
 
 def abstract(tree, shardings):
@@ -63,8 +170,72 @@ def check_compatible(saved: dict, config) -> None:
                               + "); use a new --workdir or the original config")
 
 
-def latest_step(mngr: ocp.CheckpointManager) -> Optional[int]:
-    return mngr.latest_step()
+def restore_newest_good(mngr: ocp.CheckpointManager, target, config, aside: str,
+                        warn: Callable[[str], None]) -> tuple:
+    """(state, meta, step) from the newest checkpoint that reads back intact.
+
+    A damaged checkpoint is reported through ``warn``, moved to ``aside/<step>`` and the previous one is
+    tried. A checkpoint of an incompatible config is a CheckpointError: the workdir is wrong, not damaged.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            state, meta = _restore_verified(mngr, step, target, config)
+        except CorruptCheckpoint as e:
+            moved = move_aside(mngr, step, aside)
+            warn(f"warning: checkpoint {step} is damaged ({e}); moved it to {moved}, trying the previous one")
+            continue
+        return state, meta, step
+    raise CheckpointError(f"none of the checkpoints {sorted(steps)} in {mngr.directory} could be read; "
+                          f"they were moved to {aside}; rerun to start afresh, or restore them from a backup")
+
+
+def _restore_verified(mngr: ocp.CheckpointManager, step: int, target, config) -> tuple:
+    """Checkpoint ``step`` after checking its config fingerprint and every array's checksum."""
+    try:
+        meta = read_meta(mngr, step)
+        saved = meta["fingerprint"]
+    except Exception as e:  # a missing, truncated or garbled JSON record
+        raise CorruptCheckpoint(f"its metadata is unreadable: {first_line(e)}") from None
+    check_compatible(saved, config)
+    state, error = None, None
+    try:
+        state, meta = restore(mngr, step, target)
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+        error = first_line(e)
+    if not _on_every_process(error is None):
+        raise CorruptCheckpoint(f"its arrays are unreadable: {error or 'on another process'}")
+    expected = meta.get("checksums")
+    if expected is not None:
+        bad = sorted(name for name, value in checksums(state).items() if expected.get(name) != value)
+        if bad:
+            raise CorruptCheckpoint(f"{len(bad)} arrays differ from their saved checksums, e.g. {bad[0]}")
+    return state, meta
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on all processes, so that they all take the same branch."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def move_aside(mngr: ocp.CheckpointManager, step: int, aside: str) -> str:
+    """Move checkpoint ``step`` out of the manager's reach (so neither a new save of that step nor
+    ``max_to_keep`` touches it) into a fresh ``aside/<step>[.n]``; returns where it went."""
+    dest = os.path.join(aside, str(step))
+    n = 0
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(aside, f"{step}.{n}")
+    if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
+    distributed.barrier(f"checkpoint {step} moved aside")
+    mngr.reload()
+    return dest
 
 
 def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> tuple:

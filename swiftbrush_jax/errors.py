@@ -10,6 +10,11 @@ class UsageError(ValueError):
     """Command-line input a program cannot act on (bad flag combination, unusable output path)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A run whose updates stayed non-finite too many steps in a row; the fix is in its inputs
+    (learning rate, teacher weights), and its last good checkpoint is kept."""
+
+
 def user_error_types() -> tuple:
     """Exceptions whose message is written for the user: the fix is in the input, not the code."""
     from .checkpoint import CheckpointError
@@ -20,7 +25,7 @@ def user_error_types() -> tuple:
     from .weights import WeightsError
 
     return (CheckpointError, PromptSourceError, UnsupportedConfigError, PipelineError, ShardingError,
-            WeightsError, UsageError, OSError)
+            WeightsError, UsageError, TrainingDiverged, OSError)
 
 
 def exit_on_user_error(main):

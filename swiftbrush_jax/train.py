@@ -4,9 +4,12 @@
 
 A linear loop: set up the mesh, load the frozen teacher, build (or restore)
 the train state, then step, log, sample and checkpoint. It resumes from the
-newest complete checkpoint in the workdir, and SIGTERM/SIGINT save and exit.
+newest intact checkpoint in the workdir (a damaged one is moved to
+``corrupt_checkpoints/``), and SIGTERM/SIGINT save and exit. Every input is
+checked before anything is compiled; a bad one is a one-line ``error:``.
 """
 
+import logging as std_logging
 import os
 import signal
 import sys
@@ -21,7 +24,7 @@ from ml_collections import config_flags
 from . import checkpoint as ckpt
 from . import data, sharding
 from . import distributed
-from .errors import exit_on_user_error, parse_flags_or_exit
+from .errors import TrainingDiverged, exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, make_sampler, to_uint8
 from .lora import init_lora, lora_scale
 from .pipeline import load_pipeline
@@ -102,12 +105,46 @@ def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False
     return create(student_params), state_sh
 
 
+def resume_or_start(config, vsd: VSD, student_params, mesh, mngr, stream, workdir):
+    """(state, its sharding, first step): the newest intact checkpoint, or a fresh state if there is none."""
+    if not mngr.all_steps():
+        state, state_sh = initial_state(config, vsd, student_params, mesh)
+        return state, state_sh, 0
+    target, state_sh = initial_state(config, vsd, student_params, mesh, abstract=True)
+    state, meta, step = ckpt.restore_newest_good(mngr, target, config, os.path.join(workdir, "corrupt_checkpoints"),
+                                                 log)
+    try:
+        start = stream.check_resumable(meta["prompts"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {step} in {workdir} cannot continue this run: {e}") from None
+    log(f"resumed from step {step}")
+    return state, state_sh, start
+
+
+def check_divergence(state, step: int, limit: int, mngr) -> int:
+    """The current run of non-finite (skipped) updates; TrainingDiverged once it reaches ``limit``.
+
+    Read every step (one scalar), so a diverged run stops at exactly ``limit`` and never saves."""
+    streak = int(state.skip_streak)
+    if streak >= limit:
+        ckpt.finish(mngr)
+        last = mngr.latest_step()
+        raise TrainingDiverged(f"{streak} consecutive updates had a non-finite loss or gradient (up to step {step}); "
+                               f"stopped without saving; the last good checkpoint is "
+                               f"{'step ' + str(last) if last is not None else 'none'}; "
+                               "lower the learning rate or check the teacher weights")
+    return streak
+
+
 def main(argv):
     del argv
     config, workdir = _CONFIG.value, _WORKDIR.value
     if workdir is None:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)
+    # When orbax's parallel writes fail together (a full disk), asyncio repeats each at exit as "Task
+    # exception was never retrieved", after the one error line that already reports the failure.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     distributed.initialize()
     is_main = jax.process_index() == 0
     stop = _StopRequest()
@@ -130,19 +167,10 @@ def main(argv):
         student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
     vsd = build_vsd(config, pipe)
 
-    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
     mngr = ckpt.manager(workdir, config.keep_checkpoints)
-    start = 0
-    latest = ckpt.latest_step(mngr)
-    if latest is None:
-        state, state_sh = initial_state(config, vsd, student_params, mesh)
-    else:
-        ckpt.check_compatible(ckpt.read_meta(mngr, latest)["fingerprint"], config)
-        target, state_sh = initial_state(config, vsd, student_params, mesh, abstract=True)
-        state, meta = ckpt.restore(mngr, latest, target)
-        start = stream.check_resumable(meta["prompts"])
-        log(f"resumed from step {latest}")
+    state, state_sh, start = resume_or_start(config, vsd, student_params, mesh, mngr, stream, workdir)
     del student_params
+    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
 
     step_fn = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
     sampler = Sampler(config, vsd, pipe, mesh) if config.sample_every else None
@@ -150,17 +178,18 @@ def main(argv):
     tokenized = data.Prefetcher((pipe.tokenize(b) for b in stream.batches(start)))
 
     def save(step):
+        ckpt.ensure_space(mngr, state, step)
         ckpt.save(mngr, step, state, {"prompts": stream.state(step), "fingerprint": ckpt.fingerprint(config),
                                       "teacher_root": os.path.abspath(pipe.root), "student_t": vsd.student_t})
 
-    progress = progress_bar(start, config.total_steps, is_main)
     t_first, images = None, 0
     step = start
-    with tokenized:
+    with tokenized, progress_bar(start, config.total_steps, is_main) as progress:
         while step < config.total_steps:
             ids = sharding.global_batch_array(next(tokenized), mesh)
             state, metrics = step_fn(state, frozen, ids)
             step += 1
+            streak = check_divergence(state, step, config.max_consecutive_skips, mngr)
             images += config.batch_size
             if t_first is None:
                 jax.block_until_ready(state.step)
@@ -169,27 +198,22 @@ def main(argv):
                 images, t_loop = 0, time.time()
             if step % config.log_every == 0 or step == config.total_steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                streak = int(state.skip_streak)
                 m.update(skipped=int(state.skipped), steps_per_s=(step - start - 1) / max(time.time() - t_loop, 1e-9))
                 progress.update(step, m)
                 if writer is not None:
                     for k, v in m.items():
                         writer.add_scalar(f"train/{k}", v, step)
-                if streak >= config.max_consecutive_skips:
-                    mngr.wait_until_finished()
-                    raise TrainingDiverged(f"{streak} consecutive updates had a non-finite loss or gradient "
-                                           f"(step {step}); the last good checkpoint is step {mngr.latest_step()}; "
-                                           "lower the learning rate or check the teacher weights")
             if sampler is not None and (step % config.sample_every == 0 or step == config.total_steps):
                 sampler.write(state, step, workdir, writer)
-            if step % config.checkpoint_every == 0 or step == config.total_steps or stop.signal:
+            # While updates are being skipped, periodic saves wait, so that max_to_keep never retires
+            # the last good checkpoint for copies of a stalled run.
+            if (step % config.checkpoint_every == 0 and not streak) or step == config.total_steps or stop.signal:
                 save(step)
             if stop.signal:
                 log(f"{stop.signal} received: saved step {step}, exiting")
                 break
-    mngr.wait_until_finished()
+    ckpt.finish(mngr)
     mngr.close()
-    progress.close()
     wall = time.time() - t_start
     if is_main:
         done = step - start
@@ -200,10 +224,6 @@ def main(argv):
         writer.close()
     if stop.signal:
         sys.exit(0)
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite updates in a row."""
 
 
 class Sampler:
@@ -241,7 +261,8 @@ def summary_writer(workdir):
 
 
 class progress_bar:
-    """A tqdm bar on the main process showing step, losses, gradient norms and speed."""
+    """A tqdm bar on the main process showing step, losses, gradient norms and speed; a context manager,
+    so that it is closed before an error line is printed (tqdm redraws an open bar at exit)."""
 
     def __init__(self, start, total, enabled):
         from tqdm import tqdm
@@ -257,6 +278,12 @@ class progress_bar:
 
     def close(self):
         self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 if __name__ == "__main__":
