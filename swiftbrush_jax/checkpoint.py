@@ -257,6 +257,6 @@ def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> 
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
-        raise CheckpointError(f"{directory}/{step} could not be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{directory}/{step} could not be read ({first_line(e)})") from None
     params = out.state["ema" if ema else "student"]
     return params, out.meta, step

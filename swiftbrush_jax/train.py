@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import data, sharding
 from . import distributed
 from .errors import TrainingDiverged, exit_on_user_error, parse_flags_or_exit
-from .generate import image_grid, make_sampler, to_uint8
+from .generate import decode_to_pixels, image_grid, to_uint8
 from .lora import init_lora, lora_scale
 from .pipeline import load_pipeline
 from .vsd import VSD, Frozen, VSDConfig, make_optimizer
@@ -160,13 +160,17 @@ def main(argv):
     if config.get("make_tiny_teacher"):
         from .tiny import make_tiny_pipeline
 
-        teacher_source = make_tiny_pipeline(os.path.join(workdir, "tiny_teacher"), seed=0)
+        teacher_source = os.path.join(workdir, "tiny_teacher")
+        if is_main:  # one writer; the others wait for it
+            make_tiny_pipeline(teacher_source, seed=0)
+        distributed.barrier("tiny_teacher")
     pipe = load_pipeline(teacher_source)
     student_params = pipe.unet_params
     if config.get("student_init"):
         student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
     vsd = build_vsd(config, pipe)
 
+    distributed.barrier("checkpoint_manager")  # its first collective must find every process within gloo's 30 s
     mngr = ckpt.manager(workdir, config.keep_checkpoints)
     state, state_sh, start = resume_or_start(config, vsd, student_params, mesh, mngr, stream, workdir)
     del student_params
@@ -234,7 +238,8 @@ class Sampler:
         self.cond = jax.device_put(pipe.encode_text(prompts).astype(jnp.float32), sharding.replicated(mesh))
         self.z = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape)
         self.vae_params = pipe.vae_params
-        self.sample = make_sampler(vsd.student_unet, pipe.vae, vsd.schedule, vsd.student_t)
+        # vsd.student_x0 honours the config's parameterisation (the no-x0 ablation outputs x0 directly).
+        self.sample = jax.jit(lambda p, vp, z, c: decode_to_pixels(pipe.vae, vp, vsd.student_x0(p, z, c)))
         self.cols = min(len(prompts), 8)
 
     def write(self, state, step, workdir, writer):
