@@ -238,25 +238,37 @@ def move_aside(mngr: ocp.CheckpointManager, step: int, aside: str) -> str:
     return dest
 
 
-def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> tuple:
-    """(student or EMA params, meta, step) from a training workdir, on the default device.
+def read_on_one_device(directory: str, step: int) -> tuple:
+    """(state as nested dicts, meta) of one checkpoint, every array on this process's first device.
 
-    The state is restored without a target, as nested dicts of arrays; only
-    the wanted tree is kept.
+    The target comes from the checkpoint's own metadata, so a checkpoint written
+    by any mesh or number of processes (a pod run) reads back on one machine.
     """
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = mngr.item_metadata(step)["state"]
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+
+
+def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> tuple:
+    """(student or EMA params, meta, step) from a training workdir, on this process's first device."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training workdir?")
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-    steps = mngr.all_steps()
+    steps = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)
+                                  ).all_steps()
     if not steps:
         raise CheckpointError(f"{directory} holds no complete checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
         raise CheckpointError(f"{directory} has no checkpoint for step {step}; available: {sorted(steps)}")
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state, meta = read_on_one_device(directory, step)
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
         raise CheckpointError(f"{directory}/{step} could not be read ({first_line(e)})") from None
-    params = out.state["ema" if ema else "student"]
-    return params, out.meta, step
+    return state["ema" if ema else "student"], meta, step

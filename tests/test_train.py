@@ -9,8 +9,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from swiftbrush_jax.checkpoint import read_on_one_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "configs/tiny.py", "--config.sample_every=0", "--config.log_every=2"]
@@ -26,10 +27,7 @@ def train(workdir, *overrides, devices=1, timeout=900):
 
 
 def final_state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    assert step in mngr.all_steps(), mngr.all_steps()
-    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return read_on_one_device(os.path.join(workdir, "checkpoints"), step)[0]
 
 
 def leaves(tree):
