@@ -91,3 +91,13 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
 def global_batch_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """This host's rows of a batch as one global array split over the mesh's batch axes."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+def host_local(tree):
+    """Replicated global arrays as numpy, read from this process's own copy.
+
+    Converting a multi-process array directly gathers it across processes (a
+    collective every process would have to join); a replicated one needs no
+    gather, since every process already holds the whole value.
+    """
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -125,7 +125,7 @@ def check_divergence(state, step: int, limit: int, mngr) -> int:
     """The current run of non-finite (skipped) updates; TrainingDiverged once it reaches ``limit``.
 
     Read every step (one scalar), so a diverged run stops at exactly ``limit`` and never saves."""
-    streak = int(state.skip_streak)
+    streak = int(sharding.host_local(state.skip_streak))
     if streak >= limit:
         ckpt.finish(mngr)
         last = mngr.latest_step()
@@ -201,8 +201,8 @@ def main(argv):
                 log(f"first step done {t_first:.1f} s after start (includes compilation)")
                 images, t_loop = 0, time.time()
             if step % config.log_every == 0 or step == config.total_steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                m.update(skipped=int(state.skipped), steps_per_s=(step - start - 1) / max(time.time() - t_loop, 1e-9))
+                m = {k: float(v) for k, v in sharding.host_local(metrics).items()}
+                m.update(skipped=int(sharding.host_local(state.skipped)), steps_per_s=(step - start - 1) / max(time.time() - t_loop, 1e-9))
                 progress.update(step, m)
                 if writer is not None:
                     for k, v in m.items():
@@ -235,18 +235,20 @@ class Sampler:
 
     def __init__(self, config, vsd: VSD, pipe, mesh):
         prompts = list(config.validation_prompts)
-        self.cond = jax.device_put(pipe.encode_text(prompts).astype(jnp.float32), sharding.replicated(mesh))
-        self.z = jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape)
-        self.vae_params = pipe.vae_params
+        on_mesh = lambda x: jax.device_put(x, sharding.replicated(mesh))  # every input on the train mesh
+        self.cond = on_mesh(pipe.encode_text(prompts).astype(jnp.float32))
+        self.z = on_mesh(jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape))
+        self.vae_params = on_mesh(pipe.vae_params)
         # vsd.student_x0 honours the config's parameterisation (the no-x0 ablation outputs x0 directly).
-        self.sample = jax.jit(lambda p, vp, z, c: decode_to_pixels(pipe.vae, vp, vsd.student_x0(p, z, c)))
+        self.sample = jax.jit(lambda p, vp, z, c: decode_to_pixels(pipe.vae, vp, vsd.student_x0(p, z, c)),
+                              out_shardings=sharding.replicated(mesh))
         self.cols = min(len(prompts), 8)
 
     def write(self, state, step, workdir, writer):
         out_dir = os.path.join(workdir, "samples")
         rows = []
         for name, params in (("student", state.student), ("ema", state.ema)):
-            images = to_uint8(self.sample(params, self.vae_params, self.z, self.cond))
+            images = to_uint8(sharding.host_local(self.sample(params, self.vae_params, self.z, self.cond)))
             rows.append(image_grid(images, self.cols))
         if jax.process_index() != 0:
             return
