@@ -121,11 +121,12 @@ def resume_or_start(config, vsd: VSD, student_params, mesh, mngr, stream, workdi
     return state, state_sh, start
 
 
-def check_divergence(state, step: int, limit: int, mngr) -> int:
-    """The current run of non-finite (skipped) updates; TrainingDiverged once it reaches ``limit``.
+def check_divergence(metrics, step: int, limit: int, mngr) -> int:
+    """The run of non-finite (skipped) updates up to ``step``; TrainingDiverged once it reaches ``limit``.
 
-    Read every step (one scalar), so a diverged run stops at exactly ``limit`` and never saves."""
-    streak = int(sharding.host_local(state.skip_streak))
+    Read for every step (one scalar from that step's metrics), so a diverged run stops at
+    exactly ``limit`` and never saves."""
+    streak = int(sharding.host_local(metrics["skip_streak"]))
     if streak >= limit:
         ckpt.finish(mngr)
         last = mngr.latest_step()
@@ -188,12 +189,17 @@ def main(argv):
 
     t_first, images = None, 0
     step = start
+    previous = None  # last step's metrics: read once the next step is queued, so the device never waits on us
     with tokenized, progress_bar(start, config.total_steps, is_main) as progress:
         while step < config.total_steps:
             ids = sharding.global_batch_array(next(tokenized), mesh)
+            if step == start:
+                step_fn = compile_everywhere(step_fn, sampler, state, frozen, ids)
             state, metrics = step_fn(state, frozen, ids)
             step += 1
-            streak = check_divergence(state, step, config.max_consecutive_skips, mngr)
+            if previous is not None:
+                check_divergence(previous, step - 1, config.max_consecutive_skips, mngr)
+            previous = metrics
             images += config.batch_size
             if t_first is None:
                 jax.block_until_ready(state.step)
@@ -211,8 +217,11 @@ def main(argv):
                 sampler.write(state, step, workdir, writer)
             # While updates are being skipped, periodic saves wait, so that max_to_keep never retires
             # the last good checkpoint for copies of a stalled run.
-            if (step % config.checkpoint_every == 0 and not streak) or step == config.total_steps or stop.signal:
-                save(step)
+            periodic = step % config.checkpoint_every == 0
+            if periodic or step == config.total_steps or stop.signal:
+                streak = check_divergence(metrics, step, config.max_consecutive_skips, mngr)
+                if (periodic and not streak) or step == config.total_steps or stop.signal:
+                    save(step)
             if stop.signal:
                 log(f"{stop.signal} received: saved step {step}, exiting")
                 break
@@ -230,6 +239,22 @@ def main(argv):
         sys.exit(0)
 
 
+def compile_everywhere(step_fn, sampler, state, frozen, ids):
+    """The step compiled ahead of its first call, and every process waiting for the others to finish compiling.
+
+    Processes compile at different speeds; the first cross-process collective
+    would otherwise wait on a slow compile and time out (gloo allows 30 s on CPU).
+    The compiled step also refuses, rather than recompiles for, any other shape.
+    """
+    t = time.time()
+    compiled = step_fn.lower(state, frozen, ids).compile()
+    if sampler is not None:
+        sampler.compile(state.student)
+    log(f"compiled the train step in {time.time() - t:.1f} s")
+    distributed.barrier("compiled")
+    return compiled
+
+
 class Sampler:
     """One-step samples of the student (and its EMA) for fixed validation prompts and noise."""
 
@@ -243,6 +268,9 @@ class Sampler:
         self.sample = jax.jit(lambda p, vp, z, c: decode_to_pixels(pipe.vae, vp, vsd.student_x0(p, z, c)),
                               out_shardings=sharding.replicated(mesh))
         self.cols = min(len(prompts), 8)
+
+    def compile(self, params) -> None:
+        self.sample = self.sample.lower(params, self.vae_params, self.z, self.cond).compile()
 
     def write(self, state, step, workdir, writer):
         out_dir = os.path.join(workdir, "samples")

@@ -208,7 +208,8 @@ class VSD:
             skipped=state.skipped + (~finite).astype(jnp.int32),
             skip_streak=jnp.where(finite, 0, state.skip_streak + 1),
         )
-        return new_state, {**metrics, **norms, "finite": finite, "ema_decay": decay}
+        return new_state, {**metrics, **norms, "finite": finite, "ema_decay": decay,
+                           "skip_streak": new_state.skip_streak}
 
     def train_step(self, state: TrainState, frozen: Frozen, token_ids):
         """One full SwiftBrush update from a batch of prompt token ids."""

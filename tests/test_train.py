@@ -77,6 +77,22 @@ def test_sigterm_then_resume_is_bitwise_identical(reference_run, tmp_path):
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 2 devices (jax.distributed over 127.0.0.1, gloo) give the 1 process x 4 devices result."""
+    common = ["--config.total_steps=2", "--config.checkpoint_every=2", "--config.batch_size=4"]
+    single = train(tmp_path / "single", *common, devices=4)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", str(tmp_path / "multi"),
+                            *TINY[2:], *common, "--config.sample_every=2"], cwd=ROOT, env={**env(), "PYTHON": sys.executable},
+                           capture_output=True, text=True, timeout=900)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert os.path.exists(tmp_path / "multi" / "samples" / "step_0000002.png")  # process 0 wrote the grid
+    want, got = final_state(str(tmp_path / "single"), 2), final_state(str(tmp_path / "multi"), 2)
+    for name in ("student", "ema", "lora"):
+        for a, b in zip(leaves(want[name]), leaves(got[name])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.no_such_key=1", "error: unknown config key 'no_such_key' in --config.no_such_key=1"),
     ("--config.prompts=/no/such/prompts.txt", "error: /no/such/prompts.txt: no such prompt file"),
