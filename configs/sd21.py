@@ -9,4 +9,8 @@ def get_config():
     c.prompts = "prompts/journeydb.txt"  # ~1.3M deduplicated prompts; any prompt source works
     c.batch_size = 16  # the paper's per-GPU batch; use 16 x devices on a pod
     c.total_steps = 250_000  # ~3 epochs of 1.3M prompts at batch 16
+    # Memory, not math: recompute each UNet block in the backward pass and hold attention scores for
+    # 512 queries at a time, so per-device batch 16 fits one 24 GiB device (python -m swiftbrush_jax.plan).
+    c.remat = "full"
+    c.attention_query_block = 512
     return c

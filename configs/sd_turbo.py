@@ -9,4 +9,6 @@ def get_config():
     c.student_init = "stabilityai/sd-turbo"
     c.prompts = "prompts/journeydb.txt"
     c.total_steps = 250_000
+    c.remat = "full"  # memory settings of configs/sd21.py (same architecture)
+    c.attention_query_block = 512
     return c

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices not used by fsdp
     c.teacher_dtype = "bfloat16"  # frozen teacher and text encoder
     c.student_compute_dtype = "bfloat16"  # student master weights stay float32
-    c.remat = "none"  # none | full | dots
+    c.remat = "none"  # none | full | dots: recompute each UNet block's activations in the backward pass
+    c.attention_query_block = 0  # >0: attention this many queries at a time (bounds its memory); 0: one call
     c.latent_size = 0  # 0: the UNet's sample_size
     return c

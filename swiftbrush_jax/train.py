@@ -70,9 +70,11 @@ def prompt_source(config):
 def build_vsd(config, pipe) -> VSD:
     """The step's static parts: student/teacher modules in their dtypes, schedule, both optimizers."""
     unet_config = pipe.unet.config
+    memory = dict(remat=config.remat, attention_query_block=config.attention_query_block)
+    # The teacher is differentiated too (the LoRA loss), so it is rematerialised like the student.
     teacher_unet = pipe.unet.clone(dtype=dtype_of(config.teacher_dtype),
-                                   lora_scale=lora_scale(config.lora.rank, config.lora.alpha))
-    student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), remat=config.remat)
+                                   lora_scale=lora_scale(config.lora.rank, config.lora.alpha), **memory)
+    student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), **memory)
     text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype))
     latent = config.get("latent_size") or unet_config.sample_size
     return VSD(

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from swiftbrush_jax.models import UnsupportedConfigError
+from swiftbrush_jax.sd21_arch import SCHEDULER as SD21_CONFIG  # SD 2.1-base's scheduler_config.json
 from swiftbrush_jax.schedule import (
     NoiseSchedule,
     add_noise,
@@ -23,21 +24,6 @@ from swiftbrush_jax.schedule import (
     to_x0,
 )
 
-# SD 2.1-base's scheduler/scheduler_config.json (a PNDMScheduler config).
-SD21_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.10.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 SD21_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SHAPE = (2, 8, 8, 4)  # NHWC
 

@@ -15,6 +15,7 @@ from flax import traverse_util
 from reference import UNET_CONFIGS, make_unet
 from swiftbrush_jax import weights
 from swiftbrush_jax.models import UnsupportedConfigError
+from swiftbrush_jax.models.layers import attention
 from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers
 
 # XLA's CPU optimisations cost more compile time than these tiny forwards ever take.
@@ -85,6 +86,22 @@ def test_unet_parity_float32(kind, request):
 def test_unet_remat_full_parity(sd15):
     out = run(sd15.model.clone(remat="full"), {"params": sd15.params}, sd15.inputs)
     np.testing.assert_allclose(out, sd15.ours, rtol=0, atol=1e-6)
+
+
+def test_unet_attention_in_query_blocks_parity(sd21):
+    """256 tokens in blocks of 100 (the last one padded) give diffusers' output too."""
+    out = run(sd21.model.clone(attention_query_block=100), {"params": sd21.params}, sd21.inputs)
+    assert relative_error(out, sd21.expected) <= 1e-4
+    np.testing.assert_allclose(out, sd21.ours, rtol=0, atol=1e-5)
+
+
+def test_attention_in_query_blocks_has_the_same_gradients():
+    q, k, v = (jax.random.normal(key, (2, 70, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
+    loss = lambda block: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, block)))
+    whole = jax.grad(loss(0), argnums=(0, 1, 2))(q, k, v)
+    blocked = jax.grad(loss(32), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(whole, blocked):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
 
 
 def test_unet_bfloat16_compute_parity(sd15):

@@ -46,11 +46,30 @@ class LoRADense(nn.Module):
         return y
 
 
+def attention(q, k, v, query_block: int = 0):
+    """Softmax attention over [batch, tokens, heads, dim], optionally ``query_block`` queries at a time.
+
+    One fused call holds batch x heads x queries x keys float32 scores: 5.4 GB
+    for one SD 2.1 self-attention at 512 px and batch 16. In blocks of queries,
+    each recomputed in the backward pass, it holds one block's scores instead;
+    the result is the same up to float rounding.
+    """
+    n = q.shape[1]
+    if not query_block or n <= query_block:
+        return jax.nn.dot_product_attention(q, k, v)
+    pad = -n % query_block
+    blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    blocks = blocks.reshape(q.shape[0], -1, query_block, *q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda block: jax.nn.dot_product_attention(block, k, v)), blocks)
+    return out.swapaxes(0, 1).reshape(q.shape[0], n + pad, *q.shape[2:])[:, :n]
+
+
 class Attention(nn.Module):
     """diffusers' ``Attention``: to_q/to_k/to_v, fused dot-product attention, to_out.0.
 
     Uses ``jax.nn.dot_product_attention`` so XLA may pick a fused kernel on GPU.
-    ``upcast`` runs the scores and softmax in float32 (SD 2.x 768-v checkpoints).
+    ``upcast`` runs the scores and softmax in float32 (SD 2.x 768-v checkpoints);
+    ``query_block`` bounds the scores' memory (see ``attention``).
     """
 
     heads: int
@@ -59,6 +78,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     upcast: bool = False
     lora_scale: float = 1.0
+    query_block: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -72,7 +92,7 @@ class Attention(nn.Module):
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
+        out = attention(q, k, v, self.query_block).astype(self.dtype)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return LoRADense(self.out_dim or x.shape[-1], True, self.lora_scale, self.dtype, name="to_out.0")(out)
 

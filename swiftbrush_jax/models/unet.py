@@ -223,13 +223,14 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     upcast: bool = False
     lora_scale: float = 1.0
+    query_block: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast, lora_scale=self.lora_scale,
-                                      dtype=self.dtype, name=name)
+                                      query_block=self.query_block, dtype=self.dtype, name=name)
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
@@ -244,6 +245,7 @@ class Transformer2DModel(nn.Module):
     linear_projection: bool
     upcast: bool = False
     lora_scale: float = 1.0
+    query_block: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -257,8 +259,8 @@ class Transformer2DModel(nn.Module):
         else:
             y = conv(inner, 1, self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
         for i in range(self.depth):
-            y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.dtype,
-                                      name=f"transformer_blocks.{i}")(y, context)
+            y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.query_block,
+                                      self.dtype, name=f"transformer_blocks.{i}")(y, context)
         if self.linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
@@ -284,6 +286,7 @@ class BlockOptions:
     upcast: bool
     lora_scale: float
     remat: str
+    query_block: int
     dtype: jnp.dtype
 
     def resnet(self, out_channels: int, name: str, scale: float = 1.0):
@@ -291,7 +294,8 @@ class BlockOptions:
 
     def transformer(self, heads: int, depth: int, name: str):
         return _rematted(Transformer2DModel, self.remat)(
-            heads, depth, self.groups, self.linear_projection, self.upcast, self.lora_scale, self.dtype, name=name)
+            heads, depth, self.groups, self.linear_projection, self.upcast, self.lora_scale, self.query_block,
+            self.dtype, name=name)
 
 
 class DownBlock(nn.Module):
@@ -364,13 +368,15 @@ class UNet2DConditionModel(nn.Module):
     ``dtype`` is the compute dtype (params are cast to it in the layers);
     ``remat`` recomputes each resnet / transformer in the backward pass
     ("full") or all but its weight-matmul outputs ("dots"), trading compute for memory;
-    ``lora_scale`` multiplies any adapter in the ``lora`` variable collection.
+    ``lora_scale`` multiplies any adapter in the ``lora`` variable collection;
+    ``attention_query_block`` > 0 runs attention that many queries at a time (memory, not math).
     """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     lora_scale: float = 1.0
+    attention_query_block: int = 0
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -381,7 +387,7 @@ class UNet2DConditionModel(nn.Module):
         if sample.shape[1] % factor or sample.shape[2] % factor:
             raise ValueError(f"latent size {sample.shape[1:3]} must be a multiple of {factor} for this UNet")
         opts = BlockOptions(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection, cfg.upcast_attention,
-                            self.lora_scale, self.remat, self.dtype)
+                            self.lora_scale, self.remat, self.attention_query_block, self.dtype)
         batch = sample.shape[0]
         context = encoder_hidden_states.astype(self.dtype)
         if cfg.center_input_sample:
