@@ -1,0 +1,94 @@
+"""Stable Diffusion 2.1-base's component configs, written out, for planning without its weights.
+
+These are the ``config.json`` / ``scheduler_config.json`` dicts of the
+``stable-diffusion-2-1-base`` diffusers folder (SPEC §4), so that memory and
+FLOP planning (``swiftbrush_jax.plan``) and the random-weight benchmarks can
+build SD 2.1-shaped models on a machine that has never downloaded it.
+"""
+
+import os
+
+from .pipeline import read_json
+
+UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],  # legacy key: these are head counts, head size 64
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+
+TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "pad_token_id": 1,
+    "projection_dim": 512,
+    "vocab_size": 49408,
+}
+
+VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# The folder ships a PNDMScheduler config; its betas are the DDPM training schedule of SPEC §2.
+SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+SD21_BASE = {"unet": UNET, "text_encoder": TEXT_ENCODER, "vae": VAE, "scheduler": SCHEDULER}
+
+
+def read_folder_configs(root: str) -> dict:
+    """The same four dicts read from a diffusers pipeline folder on disk."""
+    return {
+        "unet": read_json(os.path.join(root, "unet", "config.json")),
+        "text_encoder": read_json(os.path.join(root, "text_encoder", "config.json")),
+        "vae": read_json(os.path.join(root, "vae", "config.json")),
+        "scheduler": read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
+    }
