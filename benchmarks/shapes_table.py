@@ -69,8 +69,8 @@ def truth_row(prompts, seeds: int, size_px: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs")
-    parser.add_argument("--main-steps", type=int, default=600)
-    parser.add_argument("--ablation-steps", type=int, default=120)
+    parser.add_argument("--main-steps", type=int, default=1500)
+    parser.add_argument("--ablation-steps", type=int, default=1500)
     parser.add_argument("--ddim-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=3.0, help="CFG of the teacher's DDIM row")
     parser.add_argument("--seeds", type=int, default=6)
