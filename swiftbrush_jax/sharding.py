@@ -71,6 +71,20 @@ def tree_shardings(tree, mesh: Mesh, rules=FSDP_RULES, min_size=MIN_SHARD_SIZE):
     )
 
 
+def shard_batch(x):
+    """``x`` with its leading (batch) dimension split over the ambient mesh, as the batch itself is.
+
+    Models call this on their activations: without it XLA may lay an activation
+    out like the FSDP-sharded weight it meets (split over heads or channels) and
+    reshard back and forth. Outside ``with jax.sharding.use_abstract_mesh(...)``
+    (or when the batch does not divide over the devices) it returns ``x``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH) <= set(mesh.axis_names) or x.shape[0] % (mesh.shape[DATA] * mesh.shape[FSDP]):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH))
 

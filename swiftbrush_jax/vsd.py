@@ -221,9 +221,18 @@ class VSD:
         return self.apply_grads(state, student_grads, lora_grads, metrics, rng)
 
     def jit_train_step(self, state_shardings, frozen_shardings, batch_sharding, replicated) -> Callable:
-        """The step compiled once with explicit shardings; the state's buffers are donated."""
+        """The step compiled once with explicit shardings; the state's buffers are donated.
+
+        It is traced under the mesh of ``batch_sharding``, so the models keep their
+        activations split over the batch (``sharding.shard_batch``)."""
+        mesh = batch_sharding.mesh.abstract_mesh
+
+        def step(state, frozen, token_ids):
+            with jax.sharding.use_abstract_mesh(mesh):
+                return self.train_step(state, frozen, token_ids)
+
         return jax.jit(
-            self.train_step,
+            step,
             in_shardings=(state_shardings, frozen_shardings, batch_sharding),
             out_shardings=(state_shardings, replicated),
             donate_argnums=(0,),

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..sharding import shard_batch
+
 Dtype = jnp.dtype
 
 
@@ -88,11 +90,11 @@ class Attention(nn.Module):
         proj = lambda name: LoRADense(inner, self.qkv_bias, self.lora_scale, self.dtype, name=name)
         q, k, v = proj("to_q")(x), proj("to_k")(context), proj("to_v")(context)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
-        q, k, v = split(q), split(k), split(v)
+        q, k, v = shard_batch(split(q)), shard_batch(split(k)), shard_batch(split(v))
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = attention(q, k, v, self.query_block).astype(self.dtype)
+        out = shard_batch(attention(q, k, v, self.query_block).astype(self.dtype))
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return LoRADense(self.out_dim or x.shape[-1], True, self.lora_scale, self.dtype, name="to_out.0")(out)
 
@@ -117,7 +119,7 @@ class ResnetBlock2D(nn.Module):
         h = conv(self.out_channels, 3, self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, self.dtype, name="conv_shortcut")(x)
-        return ((x + h) / self.output_scale_factor).astype(self.dtype)
+        return shard_batch(((x + h) / self.output_scale_factor).astype(self.dtype))
 
 
 class Downsample2D(nn.Module):

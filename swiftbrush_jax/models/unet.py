@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import weights
+from ..sharding import shard_batch
 from . import UnsupportedConfigError, read_config
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
@@ -265,7 +266,7 @@ class Transformer2DModel(nn.Module):
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
             y = conv(c, 1, self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
-        return (y + x).astype(self.dtype)
+        return shard_batch((y + x).astype(self.dtype))
 
 
 def _rematted(cls, remat: str):
