@@ -227,12 +227,12 @@ class VSD:
         activations split over the batch (``sharding.shard_batch``)."""
         mesh = batch_sharding.mesh.abstract_mesh
 
-        def step(state, frozen, token_ids):
+        def train_step(state, frozen, token_ids):
             with jax.sharding.use_abstract_mesh(mesh):
                 return self.train_step(state, frozen, token_ids)
 
         return jax.jit(
-            step,
+            train_step,
             in_shardings=(state_shardings, frozen_shardings, batch_sharding),
             out_shardings=(state_shardings, replicated),
             donate_argnums=(0,),

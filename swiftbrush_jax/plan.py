@@ -1,0 +1,313 @@
+"""Plan a training run before renting accelerators: compile the VSD step and read its cost.
+
+    python -m swiftbrush_jax.plan --config configs/sd21.py --devices 8 --config.mesh.fsdp=8 \
+        [--per-device-batch 16] [--memory-gib 16] [--json plan.json] [--config.key=value ...]
+
+The step is built exactly as the trainer builds it (``train.build_vsd``, the
+sharding rule table, the same jit shardings and donation) but from abstract
+parameters (``jax.ShapeDtypeStruct``), so no SD-size weight is ever allocated.
+It is compiled for ``--devices`` simulated CPU devices; XLA then reports the
+FLOPs of one step and the bytes each device holds. With ``--memory-gib`` it
+also searches for the largest per-device batch that fits.
+
+XLA's CPU memory analysis is a proxy for TPU/GPU memory: the buffer
+assignment differs by backend (fusion, layouts, bf16 handling), so treat the
+numbers as an estimate, good for comparing settings, not as a guarantee.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+# The trainer's module defines ``--config`` (and its overrides); the plan reads the same flag.
+from . import sharding, train
+
+_DEVICES = flags.DEFINE_integer("devices", 1, "Number of simulated CPU devices.")
+_BATCH = flags.DEFINE_integer("per-device-batch", None, "Per-device batch; default: config.batch_size / devices.")
+_MEMORY = flags.DEFINE_float("memory-gib", None, "Per-device memory budget in GiB: search the largest batch that fits.")
+_COMPILES = flags.DEFINE_integer("search-compiles", 4, "At most this many extra compiles for the batch search.")
+_JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+
+GIB = 2.0**30
+PLAN_XLA_FLAGS = (
+    # The plan never runs the step, so machine-code quality is irrelevant: these three halve the compile
+    # time of the tiny step and leave XLA's buffer assignment, hence the memory numbers, unchanged.
+    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+    # The CPU default schedules independent work side by side for its thread pool, which keeps more buffers
+    # alive (+60% temporaries on the tiny step); accelerator schedulers order for memory, like this one.
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+)
+PROXY_NOTE = ("memory from XLA's CPU buffer assignment: a proxy for TPU/GPU memory (backends differ in fusion, "
+              "layout and bf16 handling); compare settings with it, leave headroom on the device")
+
+
+def model_configs(config) -> tuple:
+    """(component config dicts, where they came from): the tiny teacher, the teacher's folder, or SD 2.1-base."""
+    from . import sd21_arch
+
+    if config.get("make_tiny_teacher"):
+        from . import tiny
+        from .diffusers_io import write_clip_tokenizer
+
+        # tiny.make_tiny_pipeline's architecture without its weights (initialising them takes minutes on a
+        # busy CPU); only the vocabulary size needs its tokenizer, which is built by rule in milliseconds.
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = write_clip_tokenizer(tmp, tiny.CORPUS)
+        configs = {"unet": tiny.TINY_UNET, "text_encoder": dict(tiny.TINY_TEXT, vocab_size=vocab),
+                   "vae": tiny.TINY_VAE, "scheduler": tiny.SD21_SCHEDULER}
+        return configs, "tiny random teacher (swiftbrush_jax.tiny)"
+    if os.path.isdir(config.teacher):
+        return sd21_arch.read_folder_configs(config.teacher), f"configs of {config.teacher}"
+    return sd21_arch.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.sd21_arch; {config.teacher} not on disk)"
+
+
+def abstract_pipeline(configs: dict):
+    """A StableDiffusion holding modules and schedule only, enough for ``train.build_vsd``."""
+    from .models.clip import CLIPTextConfig, CLIPTextModel
+    from .models.unet import UNet2DConditionModel, UNetConfig
+    from .pipeline import StableDiffusion
+    from .schedule import NoiseSchedule
+
+    return StableDiffusion(
+        root="", unet=UNet2DConditionModel(UNetConfig.from_diffusers(configs["unet"])),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_transformers(configs["text_encoder"])),
+        schedule=NoiseSchedule.from_config(configs["scheduler"]))
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    """The trainer's jitted step and its abstract, sharded inputs, for any global batch."""
+
+    step: Callable
+    state: object
+    frozen: object
+    batch_sharding: object
+    tokens: int
+
+    def lower(self, global_batch: int):
+        ids = jax.ShapeDtypeStruct((global_batch, self.tokens), jnp.int32, sharding=self.batch_sharding)
+        return self.step.lower(self.state, self.frozen, ids)
+
+    def compile(self, global_batch: int):
+        return self.lower(global_batch).compile()
+
+
+def abstract_step(config, pipe, mesh) -> AbstractStep:
+    """The trainer's state and frozen inputs as ShapeDtypeStructs laid out by the rule table, and its step."""
+    from . import checkpoint
+    from .models.unet import unet_param_shapes
+    from .vsd import Frozen
+
+    vsd = train.build_vsd(config, pipe)
+    student = unet_param_shapes(pipe.unet.config)  # float32 master weights, as the trainer loads them
+    state, state_sh = train.initial_state(config, vsd, student, mesh, abstract=True)
+
+    text_cfg = pipe.text_encoder.config
+    ids = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings), jnp.int32)
+    text = jax.eval_shape(pipe.text_encoder.init, jax.random.PRNGKey(0), ids)["params"]
+    teacher_dtype = train.dtype_of(config.teacher_dtype)
+    cast = lambda tree: jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, teacher_dtype), tree)
+    uncond = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings, text_cfg.hidden_size), jnp.float32)
+    frozen = Frozen(teacher=cast(student), text=cast(text), uncond=uncond)
+    frozen_sh = sharding.tree_shardings(frozen, mesh)
+
+    step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    return AbstractStep(step, state, checkpoint.abstract(frozen, frozen_sh), sharding.batch_sharding(mesh),
+                        text_cfg.max_position_embeddings)
+
+
+@dataclasses.dataclass
+class Measurement:
+    """What XLA reports for one compiled step; bytes are per device."""
+
+    per_device_batch: int
+    global_batch: int
+    flops_per_device: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    compile_s: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Live at once: inputs, scratch, and outputs that do not reuse a donated input buffer."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "total_gib": self.total_bytes / GIB}
+
+
+def _flops(stage) -> float:
+    cost = stage.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def model_flops(config, pipe, global_batch: int) -> float:
+    """FLOPs of one step as the model defines them, for MFU: no rematerialisation, attention in one call.
+
+    Read from the lowered (not compiled) program, so it costs a trace, not a compile. The compiled
+    program's own count is not used for this: it includes recomputation, and XLA counts the body of a
+    loop (attention in query blocks) once.
+    """
+    plain = config.copy_and_resolve_references()
+    plain.remat, plain.attention_query_block = "none", 0
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    return _flops(abstract_step(plain, pipe, mesh).lower(global_batch))
+
+
+def measure(step: AbstractStep, per_device_batch: int, devices: int) -> Measurement:
+    start = time.perf_counter()
+    compiled = step.compile(per_device_batch * devices)
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    return Measurement(per_device_batch, per_device_batch * devices, _flops(compiled), mem.argument_size_in_bytes,
+                       mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
+                       mem.generated_code_size_in_bytes, seconds)
+
+
+@dataclasses.dataclass
+class BatchSearch:
+    """The largest per-device batch within a budget, from a few compiles and a linear fit of bytes vs batch."""
+
+    budget_bytes: float
+    largest_measured_fit: Optional[int]
+    fit_fixed_bytes: Optional[float]
+    fit_bytes_per_sample: Optional[float]
+    fit_estimate: Optional[int]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _linear_fit(points: Dict[int, int]) -> tuple:
+    """(fixed, per-sample) bytes through the measured points, least squares."""
+    b = np.array(sorted(points), np.float64)
+    y = np.array([points[k] for k in sorted(points)], np.float64)
+    slope, intercept = np.polyfit(b, y, 1)
+    return float(intercept), float(slope)
+
+
+def search_batch(total_at: Callable[[int], int], budget_bytes: float, start: int, max_compiles: int) -> BatchSearch:
+    """Secant-style search: fit a line to the measured (batch, bytes) points, compile at its prediction, repeat.
+
+    ``total_at(b)`` compiles at per-device batch ``b`` and returns its total bytes;
+    the batch at ``start`` counts as already measured by the caller.
+    """
+    points = {start: total_at(start)}
+    second = start * 2 if points[start] <= budget_bytes else max(1, start // 2)
+    if second == start:
+        second = start + 1
+    fixed = per_sample = estimate = None
+    for _ in range(max_compiles):
+        if second not in points:
+            points[second] = total_at(second)
+        fixed, per_sample = _linear_fit(points)
+        if per_sample <= 0:
+            break
+        estimate = max(0, int((budget_bytes - fixed) // per_sample))
+        if estimate < 1 or estimate in points:
+            break
+        second = estimate
+    fitting = [b for b, total in points.items() if total <= budget_bytes]
+    return BatchSearch(budget_bytes, max(fitting) if fitting else None, fixed, per_sample, estimate)
+
+
+def format_table(rows: List[Measurement]) -> str:
+    header = ("batch/dev", "global", "TFLOP/dev", "args GiB", "out GiB", "aliased GiB", "temp GiB", "code MiB",
+              "total GiB", "compile s")
+    lines = [header]
+    for m in rows:
+        lines.append((str(m.per_device_batch), str(m.global_batch), f"{m.flops_per_device / 1e12:.3f}",
+                      f"{m.argument_bytes / GIB:.2f}", f"{m.output_bytes / GIB:.2f}", f"{m.alias_bytes / GIB:.2f}",
+                      f"{m.temp_bytes / GIB:.2f}", f"{m.code_bytes / 2**20:.1f}", f"{m.total_bytes / GIB:.2f}",
+                      f"{m.compile_s:.1f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def use_simulated_devices(n: int) -> None:
+    """``n`` CPU devices and the plan's XLA flags; must run before JAX initialises its backend."""
+    given = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in PLAN_XLA_FLAGS if f.split("=")[0] not in given]
+    os.environ["XLA_FLAGS"] = " ".join([given] + extra).strip()
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def main(argv):
+    del argv
+    use_simulated_devices(_DEVICES.value)
+
+    config, devices = flags.FLAGS.config, _DEVICES.value
+    if len(jax.devices()) != devices:
+        raise sharding.ShardingError(f"asked for {devices} simulated devices, JAX has {len(jax.devices())}; "
+                                     "run the plan in a fresh process")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    per_device = _BATCH.value or max(1, config.batch_size // devices)
+    configs, source = model_configs(config)
+    step = abstract_step(config, abstract_pipeline(configs), mesh)
+
+    rows: List[Measurement] = []
+
+    def total_at(batch: int) -> int:
+        known = [m for m in rows if m.per_device_batch == batch]
+        if not known:
+            rows.append(measure(step, batch, devices))
+            known = rows[-1:]
+            print(f"compiled per-device batch {batch}: {known[0].total_bytes / GIB:.2f} GiB, "
+                  f"{known[0].compile_s:.1f} s", flush=True)
+        return known[0].total_bytes
+
+    total_at(per_device)
+    flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
+    search = None
+    if _MEMORY.value is not None:
+        search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value)
+
+    print(f"model: {source}")
+    print(f"devices: {devices} simulated CPU, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
+    print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
+          f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}")
+    print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
+    print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
+    print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
+          f"batch of {per_device * devices}, {flops / devices / 1e12:.1f} TFLOP per device")
+    if search is not None:
+        fits = "none measured fits" if search.largest_measured_fit is None else str(search.largest_measured_fit)
+        print(f"budget {_MEMORY.value:g} GiB per device: largest measured per-device batch that fits: {fits}")
+        if search.fit_bytes_per_sample is not None:
+            print(f"  linear fit: {search.fit_fixed_bytes / GIB:.2f} GiB fixed + "
+                  f"{search.fit_bytes_per_sample / GIB:.3f} GiB per sample -> estimate {search.fit_estimate}")
+    print(f"note: {PROXY_NOTE}")
+
+    if _JSON.value:
+        report = {
+            "model": source, "devices": devices, "mesh": dict(mesh.shape), "teacher_dtype": config.teacher_dtype,
+            "student_compute_dtype": config.student_compute_dtype, "remat": config.remat,
+            "lora_rank": config.lora.rank, "backend": jax.default_backend(), "jax": jax.__version__,
+            "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices,
+            "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],
+            "memory_gib": _MEMORY.value, "search": search.as_dict() if search else None, "note": PROXY_NOTE,
+        }
+        with open(_JSON.value, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    from .errors import exit_on_user_error, parse_flags_or_exit
+
+    flags.mark_flags_as_required(["config"])
+    app.run(exit_on_user_error(main), flags_parser=parse_flags_or_exit)

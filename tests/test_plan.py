@@ -1,0 +1,58 @@
+"""The planning command: compiles the tiny VSD step on simulated devices and reports its cost."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from swiftbrush_jax.plan import search_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+           "--devices", "2", "--config.mesh.fsdp=2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_prints_cost_and_memory_table(tiny_plan):
+    stdout, _ = tiny_plan
+    for field in ("TFLOP/dev", "args GiB", "temp GiB", "total GiB", "compile s", "mesh data=1 x fsdp=2",
+                  "tiny random teacher", "proxy", "model FLOPs per step"):
+        assert field in stdout, field
+
+
+def test_json_holds_one_measurement_per_device(tiny_plan):
+    _, report = tiny_plan
+    assert report["devices"] == 2 and report["mesh"] == {"data": 1, "fsdp": 2}
+    (m,) = report["measurements"]
+    assert m["per_device_batch"] == 2 and m["global_batch"] == 4  # configs/tiny.py: batch 4 over 2 devices
+    assert m["flops_per_device"] > 0 and m["argument_bytes"] > 0 and m["compile_s"] > 0
+    assert m["total_bytes"] == m["argument_bytes"] + m["temp_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    assert m["alias_bytes"] > 0  # the train state is donated
+    assert report["model_flops_per_step"] > 0 and report["model_flops_global_batch"] == 4
+
+
+def test_batch_search_finds_the_largest_batch_on_a_linear_cost():
+    compiled = []
+
+    def total_at(batch):
+        compiled.append(batch)
+        return 10 + 3 * batch
+
+    search = search_batch(total_at, budget_bytes=50, start=4, max_compiles=4)
+    assert search.largest_measured_fit == 13 and search.fit_estimate == 13
+    assert search.fit_bytes_per_sample == pytest.approx(3) and search.fit_fixed_bytes == pytest.approx(10)
+    assert len(compiled) <= 5
+
+
+def test_batch_search_when_nothing_fits():
+    search = search_batch(lambda b: 100 + b, budget_bytes=50, start=2, max_compiles=3)
+    assert search.largest_measured_fit is None and search.fit_estimate == 0
