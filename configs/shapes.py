@@ -7,9 +7,9 @@ run of minutes instead of 250k steps:
   so 1e-6 would leave the student a copy of the teacher after a few hundred
   steps; 2e-4 is a fine-tuning rate for a UNet this small (the teacher was
   trained at 1e-3). LoRA lr stays at the paper's 1e-3.
-* batch 8, 1500 steps: 2.0-2.4 steps/s after compilation on 2 CPU cores
-  shared with two other runs (benchmarks/results/shapes_table.md); 600
-  steps gave colour accuracy 0.48, 1500 give 0.53.
+* batch 8, 1500 steps: 11 minutes on 2 CPU cores (85 s compilation, then
+  2.4 steps/s); 600 steps gave colour accuracy 0.48, 1500 give 0.53
+  (benchmarks/results/shapes_table.md).
 * LoRA rank 8 (paper 64 on 320-1280 wide layers; here 32-64 wide), alpha
   keeping the paper's alpha / rank = 108 / 64.
 * CFG 3 for the teacher and the LoRA teacher (paper 4.5). Measured on the
