@@ -77,12 +77,18 @@ def write_clip_tokenizer(folder: str, corpus: Iterable[str], max_length: int = 7
             if merged not in tokens:
                 tokens.append(merged)
     tokens += specials
+    write_bpe_tokenizer(folder, tokens, merges, max_length)
+    return len(tokens)
+
+
+def write_bpe_tokenizer(folder: str, tokens: list, merges: list, max_length: int) -> None:
+    """vocab.json (ids in the order of ``tokens``), merges.txt and a CLIPTokenizer config that uses
+    <|startoftext|> to open and <|endoftext|> to close and pad, as OpenAI's CLIP vocabulary does."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     write_json(os.path.join(folder, "tokenizer_config.json"), {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": specials[0],
-        "eos_token": specials[1], "unk_token": specials[1], "pad_token": specials[1]})
-    return len(tokens)
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})

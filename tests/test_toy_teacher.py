@@ -1,5 +1,6 @@
 """The shipped shapes teacher: loads like SD 2.1, samples the right colours, and can be distilled."""
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,16 @@ def test_teacher_loads_like_stable_diffusion(teacher):
     cond = np.asarray(teacher.encode_text(["a red circle", "a blue square"]))
     assert cond.shape == (2, teacher_arch.MAX_TOKENS, teacher_arch.TEXT["hidden_size"])
     assert np.abs(cond[0] - cond[1]).max() > 1e-3  # the captions are told apart
+
+
+def test_make_teacher_writes_the_shipped_tokenizer(tmp_path):
+    """make_teacher's tokenizer is the one the shipped text encoder was trained with, file for file."""
+    from swiftbrush_jax.toy import make_teacher
+
+    make_teacher.write_tokenizer(str(tmp_path))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        with open(tmp_path / "tokenizer" / name) as made, open(os.path.join(teacher_path(), "tokenizer", name)) as shipped:
+            assert json.load(made) == json.load(shipped) if name.endswith(".json") else made.read() == shipped.read()
 
 
 def test_teacher_ddim_draws_the_prompted_colour():

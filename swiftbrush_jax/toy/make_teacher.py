@@ -41,9 +41,12 @@ INIT_SEED = 0
 
 
 def write_tokenizer(out: str) -> list:
-    """A BPE tokenizer on the shapes captions; returns the token ids of every caption and of ""."""
+    """The teacher's BPE tokenizer (teacher_arch); returns the token ids of every caption and of "", and its size."""
     folder = os.path.join(out, "tokenizer")
-    dio.write_clip_tokenizer(folder, shapes.all_prompts() * 4, max_length=arch.MAX_TOKENS)
+    merges = [tuple(m.split(" ")) for m in arch.TOKENIZER_MERGES]
+    tokens = (list(arch.TOKENIZER_SPECIALS) + list(arch.TOKENIZER_ALPHABET)
+              + [c + "</w>" for c in arch.TOKENIZER_WORD_FINALS] + [a + b for a, b in merges])
+    dio.write_bpe_tokenizer(folder, tokens, merges, arch.MAX_TOKENS)
     tokenizer = load_tokenizer(folder)
     prompts = shapes.all_prompts() + [""]
     return tokenizer(prompts, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True).input_ids, len(tokenizer)

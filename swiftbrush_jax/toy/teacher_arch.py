@@ -11,6 +11,20 @@ IMAGE_PX = 32
 LATENT_PX = 8
 MAX_TOKENS = 16
 
+# The teacher's BPE tokenizer, written out: the merges a ``tokenizers`` trainer found on the captions when
+# the shipped teacher was made. Trainers break ties in hash order, so these are fixed here, not retrained:
+# the text encoder's embedding rows are indexed by them. Ids: the two specials, the alphabet, the
+# word-final characters, then one token per merge, in this order.
+TOKENIZER_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+TOKENIZER_ALPHABET = "!',-.0123456789?abcdefghijklmnopqrstuvwxyz"
+TOKENIZER_WORD_FINALS = ("e", "n", "d", "a", "w")
+TOKENIZER_MERGES = (
+    "l e</w>", "a n", "a r", "c i", "c le</w>", "g le</w>", "i an", "q u", "r e", "r cle</w>", "r ian", "s qu",
+    "t rian", "ar e</w>", "ci rcle</w>", "squ are</w>", "trian gle</w>", "a g", "a n</w>", "b l", "c y", "e l",
+    "e n", "e n</w>", "g re", "l o", "m ag", "t a</w>", "u e</w>", "y el", "re d</w>", "bl ue</w>", "cy an</w>",
+    "en ta</w>", "gre en</w>", "lo w</w>", "mag enta</w>", "yel low</w>",
+)
+
 VAE = dict(
     block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
     sample_size=IMAGE_PX, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
