@@ -193,17 +193,20 @@ class VSD:
         student = optax.apply_updates(state.student, s_updates)
         l_updates, lora_opt = self.lora_tx.update(lora_grads, state.lora_opt, state.lora)
         lora = optax.apply_updates(state.lora, l_updates)
-        k = state.step.astype(jnp.float32)
-        decay = jnp.minimum(self.config.ema_decay, (1.0 + k) / (10.0 + k))
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, student)
-
         norms = {"grad_norm_student": optax.global_norm(student_grads), "grad_norm_lora": optax.global_norm(lora_grads)}
         finite = jnp.all(jnp.isfinite(jnp.stack([metrics["loss_student"], metrics["loss_lora"],
                                                  norms["grad_norm_student"], norms["grad_norm_lora"]])))
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+        # The EMA reads the updated student from its output buffer. Without the barrier XLA recomputes the
+        # update inside the EMA's fusion from the old weights, which then must outlive the in-place write of
+        # the new ones: it keeps a copy of every student weight alive for the whole step.
+        student = jax.lax.optimization_barrier(keep(student, state.student))
+        k = state.step.astype(jnp.float32)
+        decay = jnp.minimum(self.config.ema_decay, (1.0 + k) / (10.0 + k))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, student)
         new_state = state.replace(
             step=state.step + 1, rng=rng,
-            student=keep(student, state.student), ema=keep(ema, state.ema), lora=keep(lora, state.lora),
+            student=student, ema=keep(ema, state.ema), lora=keep(lora, state.lora),
             student_opt=keep(student_opt, state.student_opt), lora_opt=keep(lora_opt, state.lora_opt),
             skipped=state.skipped + (~finite).astype(jnp.int32),
             skip_streak=jnp.where(finite, 0, state.skip_streak + 1),
