@@ -2,6 +2,7 @@
 
     python -m swiftbrush_jax.plan --config configs/sd21.py --devices 8 --config.mesh.fsdp=8 \
         [--per-device-batch 16] [--memory-gib 16] [--json plan.json] [--config.key=value ...]
+    python -m swiftbrush_jax.plan --config configs/sd21.py --topology v5e:2x4 --config.mesh.fsdp=8
 
 The step is built exactly as the trainer builds it (``train.build_vsd``, the
 sharding rule table, the same jit shardings and donation) but from abstract
@@ -13,6 +14,9 @@ also searches for the largest per-device batch that fits.
 XLA's CPU memory analysis is a proxy for TPU/GPU memory: the buffer
 assignment differs by backend (fusion, layouts, bf16 handling), so treat the
 numbers as an estimate, good for comparing settings, not as a guarantee.
+With ``--topology`` the step is compiled ahead of time by the TPU compiler
+itself (libtpu, ``pip install libtpu``; no TPU needed) for that slice, and the
+bytes are what that TPU would allocate.
 """
 
 import dataclasses
@@ -29,12 +33,16 @@ from absl import app, flags
 
 # The trainer's module defines ``--config`` (and its overrides); the plan reads the same flag.
 from . import sharding, train
+from .errors import UsageError
 
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of simulated CPU devices.")
 _BATCH = flags.DEFINE_integer("per-device-batch", None, "Per-device batch; default: config.batch_size / devices.")
 _MEMORY = flags.DEFINE_float("memory-gib", None, "Per-device memory budget in GiB: search the largest batch that fits.")
 _COMPILES = flags.DEFINE_integer("search-compiles", 4, "At most this many extra compiles for the batch search.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Compile for this TPU slice instead of simulated CPU devices, e.g. v5e:2x4 (a v5e-8) or "
+    "v5p:1x1x1 (one chip): the TPU compiler's own memory figures. Needs libtpu (pip install libtpu), not a TPU.")
 
 GIB = 2.0**30
 PLAN_XLA_FLAGS = (
@@ -46,6 +54,7 @@ PLAN_XLA_FLAGS = (
     # alive (+60% temporaries on the tiny step); accelerator schedulers order for memory, like this one.
     "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
+TPU_NOTE = "memory from the TPU compiler (libtpu, ahead of time): what this TPU slice would allocate"
 PROXY_NOTE = ("memory from XLA's CPU buffer assignment: a proxy for TPU/GPU memory (backends differ in fusion, "
               "layout and bf16 handling); compare settings with it, leave headroom on the device")
 
@@ -237,24 +246,56 @@ def format_table(rows: List[Measurement]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
 
 
-def use_simulated_devices(n: int) -> None:
-    """``n`` CPU devices and the plan's XLA flags; must run before JAX initialises its backend."""
-    given = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in PLAN_XLA_FLAGS if f.split("=")[0] not in given]
-    os.environ["XLA_FLAGS"] = " ".join([given] + extra).strip()
+def use_simulated_devices(n: int, plan_flags: bool = True) -> None:
+    """``n`` CPU devices and (``plan_flags``) the plan's XLA flags; must run before JAX initialises its backend.
+    A TPU compile goes without those flags: XLA_FLAGS reach libtpu's compiler too."""
+    if plan_flags:
+        given = os.environ.get("XLA_FLAGS", "")
+        extra = [f for f in PLAN_XLA_FLAGS if f.split("=")[0] not in given]
+        os.environ["XLA_FLAGS"] = " ".join([given] + extra).strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)
 
 
+def tpu_devices(topology: str) -> list:
+    """The chips of a TPU slice named like ``v5e:2x4``, as compile targets on any host (libtpu's AOT compiler)."""
+    try:
+        import libtpu  # noqa: F401  (only its presence is checked; JAX loads it as the TPU plugin)
+    except ImportError:
+        raise UsageError("--topology needs the TPU compiler, not a TPU: pip install libtpu") from None
+    from jax.experimental import topologies
+
+    # The TPU runtime locks a file against a second process; compiling ahead of time shares no chip.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        dims = [int(d) for d in topology.split(":")[1].split("x")]
+    except (IndexError, ValueError):
+        raise UsageError(f"--topology {topology!r}: write a TPU slice as <version>:<chips per axis>, "
+                         "e.g. v5e:2x4 or v5p:2x2x1") from None
+    # A slice smaller than one host's default 2x2 chips is its own host.
+    kwargs = {"chips_per_host_bounds": (dims + [1, 1])[:3]} if int(np.prod(dims)) < 4 else {}
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+    except Exception as e:  # libtpu's message names what it cannot build
+        raise UsageError(f"--topology {topology!r}: libtpu cannot build it ({str(e).splitlines()[0]})") from None
+
+
 def main(argv):
     del argv
-    use_simulated_devices(_DEVICES.value)
-
-    config, devices = flags.FLAGS.config, _DEVICES.value
-    if len(jax.devices()) != devices:
-        raise sharding.ShardingError(f"asked for {devices} simulated devices, JAX has {len(jax.devices())}; "
-                                     "run the plan in a fresh process")
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    config = flags.FLAGS.config
+    if _TOPOLOGY.value:
+        use_simulated_devices(1, plan_flags=False)  # tracing and the model-FLOPs count run on the host
+        targets = tpu_devices(_TOPOLOGY.value)
+        kind = f"{targets[0].device_kind} ({_TOPOLOGY.value}, compiled by libtpu)"
+        devices, note = len(targets), TPU_NOTE
+    else:
+        use_simulated_devices(_DEVICES.value)
+        devices, kind, note = _DEVICES.value, "simulated CPU", PROXY_NOTE
+        targets = jax.devices()
+        if len(targets) != devices:
+            raise sharding.ShardingError(f"asked for {devices} simulated devices, JAX has {len(targets)}; "
+                                         "run the plan in a fresh process")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, targets)
     per_device = _BATCH.value or max(1, config.batch_size // devices)
     configs, source = model_configs(config)
     step = abstract_step(config, abstract_pipeline(configs), mesh)
@@ -277,7 +318,7 @@ def main(argv):
         search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value)
 
     print(f"model: {source}")
-    print(f"devices: {devices} simulated CPU, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
+    print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
     print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
           f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}")
     print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
@@ -290,16 +331,17 @@ def main(argv):
         if search.fit_bytes_per_sample is not None:
             print(f"  linear fit: {search.fit_fixed_bytes / GIB:.2f} GiB fixed + "
                   f"{search.fit_bytes_per_sample / GIB:.3f} GiB per sample -> estimate {search.fit_estimate}")
-    print(f"note: {PROXY_NOTE}")
+    print(f"note: {note}")
 
     if _JSON.value:
         report = {
             "model": source, "devices": devices, "mesh": dict(mesh.shape), "teacher_dtype": config.teacher_dtype,
             "student_compute_dtype": config.student_compute_dtype, "remat": config.remat,
-            "lora_rank": config.lora.rank, "backend": jax.default_backend(), "jax": jax.__version__,
+            "lora_rank": config.lora.rank, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
+            "topology": _TOPOLOGY.value, "device_kind": kind, "jax": jax.__version__,
             "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices,
             "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],
-            "memory_gib": _MEMORY.value, "search": search.as_dict() if search else None, "note": PROXY_NOTE,
+            "memory_gib": _MEMORY.value, "search": search.as_dict() if search else None, "note": note,
         }
         with open(_JSON.value, "w") as f:
             json.dump(report, f, indent=2)

@@ -40,6 +40,30 @@ def test_json_holds_one_measurement_per_device(tiny_plan):
     assert report["model_flops_per_step"] > 0 and report["model_flops_global_batch"] == 4
 
 
+def test_tpu_topology_is_compiled_by_the_tpu_compiler(tmp_path):
+    """--topology compiles for a TPU slice without one (libtpu ahead of time): a v5e 2x2 with FSDP over 4."""
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+           "--topology", "v5e:2x2", "--config.mesh.fsdp=4", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TPU v5 lite (v5e:2x2, compiled by libtpu)" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["backend"] == "tpu" and report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4}
+    (m,) = report["measurements"]
+    assert m["per_device_batch"] == 1 and m["global_batch"] == 4 and m["flops_per_device"] > 0
+    assert m["argument_bytes"] > 0 and m["alias_bytes"] > 0
+    assert m["total_bytes"] == m["argument_bytes"] + m["temp_bytes"] + m["output_bytes"] - m["alias_bytes"]
+
+
+def test_unknown_topology_is_one_line_and_exit_2():
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+           "--topology", "v5e-8"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --topology 'v5e-8': write a TPU slice as")
+
+
 def test_batch_search_finds_the_largest_batch_on_a_linear_cost():
     compiled = []
 
