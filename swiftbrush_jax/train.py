@@ -222,6 +222,7 @@ def main(argv):
             periodic = step % config.checkpoint_every == 0
             if periodic or step == config.total_steps or stop.signal:
                 streak = check_divergence(metrics, step, config.max_consecutive_skips, mngr)
+                previous = None  # checked now; the next iteration need not read it again
                 if (periodic and not streak) or step == config.total_steps or stop.signal:
                     save(step)
             if stop.signal:
@@ -250,9 +251,11 @@ def compile_everywhere(step_fn, sampler, state, frozen, ids):
     """
     t = time.time()
     compiled = step_fn.lower(state, frozen, ids).compile()
-    if sampler is not None:
-        sampler.compile(state.student)
     log(f"compiled the train step in {time.time() - t:.1f} s")
+    if sampler is not None:
+        t = time.time()
+        sampler.compile(state.student)
+        log(f"compiled the sampler in {time.time() - t:.1f} s")
     distributed.barrier("compiled")
     return compiled
 
