@@ -2,9 +2,10 @@
 
     python benchmarks/plan_backends.py [--batches 2 4] [--topology v5p:1x1x1] [--out benchmarks/results]
 
-The program is the SD 2.1 train step of configs/sd21.py cut to its two top UNet
-levels at full width (320 and 640 channels at 64x64 latents, one layer per
-block, the 5- and 10-head attentions) and a 2-layer text encoder: the part
+The program is the SD 2.1 train step of configs/sd21.py (but with 512-query
+attention blocks) cut to its two top UNet levels at full width (320 and 640
+channels at 64x64 latents, one layer per block, the 5- and 10-head
+attentions) and a 2-layer text encoder: the part
 whose activations grow with the batch. Its component configs are written to a
 folder and passed as the teacher, so the plan builds it exactly like SD 2.1.
 Each (backend, batch) is one ``python -m swiftbrush_jax.plan`` process: XLA
@@ -45,7 +46,8 @@ def plan(teacher: str, batch: int, topology: str = "") -> dict:
         out = os.path.join(tmp, "plan.json")
         target = ["--topology", topology] if topology else ["--devices", "1"]
         cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "sd21.py"),
-               f"--config.teacher={teacher}", "--per-device-batch", str(batch), "--json", out] + target
+               f"--config.teacher={teacher}", "--config.attention_query_block=512",  # as measured in README
+               "--per-device-batch", str(batch), "--json", out] + target
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"plan failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")

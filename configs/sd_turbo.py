@@ -10,5 +10,5 @@ def get_config():
     c.prompts = "prompts/journeydb.txt"
     c.total_steps = 250_000
     c.remat = "full"  # memory settings of configs/sd21.py (same architecture)
-    c.attention_query_block = 512
+    c.attention_query_block = 128
     return c
