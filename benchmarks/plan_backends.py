@@ -20,16 +20,15 @@ import subprocess
 import sys
 import tempfile
 
+from swiftbrush_jax import sd21_arch
+from swiftbrush_jax.diffusers_io import write_json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2.0**30
 
 
 def write_proxy_configs(root: str) -> None:
     """SD 2.1-base's config.json files with the UNet cut to its top two levels and a 2-layer text encoder."""
-    sys.path.insert(0, REPO)
-    from swiftbrush_jax import sd21_arch
-    from swiftbrush_jax.diffusers_io import write_json
-
     configs = copy.deepcopy(sd21_arch.SD21_BASE)
     configs["unet"].update(block_out_channels=[320, 640], attention_head_dim=[5, 10], layers_per_block=1,
                            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],

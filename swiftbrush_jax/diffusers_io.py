@@ -53,6 +53,10 @@ def copy_components(src_root: str, dst_root: str, names: Iterable[str]) -> None:
         shutil.copytree(os.path.join(src_root, name), os.path.join(dst_root, name), symlinks=False)
 
 
+# CLIP's start and end tokens; the end token also pads and stands for unknown words.
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+
 def write_clip_tokenizer(folder: str, corpus: Iterable[str], max_length: int = 77) -> int:
     """A small CLIP-style BPE tokenizer (vocab.json + merges.txt) whose words are ``corpus``'s; returns its size.
 
@@ -62,7 +66,6 @@ def write_clip_tokenizer(folder: str, corpus: Iterable[str], max_length: int = 7
     every character, alone and word-final, then each word's left-to-right merges.
     Words outside the corpus still tokenize, character by character.
     """
-    specials = ["<|startoftext|>", "<|endoftext|>"]
     words = sorted({w for text in corpus for w in text.lower().split()})
     alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-") | set("".join(words)))
     tokens = alphabet + [c + "</w>" for c in alphabet]
@@ -76,7 +79,7 @@ def write_clip_tokenizer(folder: str, corpus: Iterable[str], max_length: int = 7
             merged += piece
             if merged not in tokens:
                 tokens.append(merged)
-    tokens += specials
+    tokens += CLIP_SPECIALS
     write_bpe_tokenizer(folder, tokens, merges, max_length)
     return len(tokens)
 
@@ -90,5 +93,5 @@ def write_bpe_tokenizer(folder: str, tokens: list, merges: list, max_length: int
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     write_json(os.path.join(folder, "tokenizer_config.json"), {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": CLIP_SPECIALS[0],
+        "eos_token": CLIP_SPECIALS[1], "unk_token": CLIP_SPECIALS[1], "pad_token": CLIP_SPECIALS[1]})

@@ -44,7 +44,7 @@ def write_tokenizer(out: str) -> list:
     """The teacher's BPE tokenizer (teacher_arch); returns the token ids of every caption and of "", and its size."""
     folder = os.path.join(out, "tokenizer")
     merges = [tuple(m.split(" ")) for m in arch.TOKENIZER_MERGES]
-    tokens = (list(arch.TOKENIZER_SPECIALS) + list(arch.TOKENIZER_ALPHABET)
+    tokens = (list(dio.CLIP_SPECIALS) + list(arch.TOKENIZER_ALPHABET)
               + [c + "</w>" for c in arch.TOKENIZER_WORD_FINALS] + [a + b for a, b in merges])
     dio.write_bpe_tokenizer(folder, tokens, merges, arch.MAX_TOKENS)
     tokenizer = load_tokenizer(folder)

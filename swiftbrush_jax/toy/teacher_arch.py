@@ -13,9 +13,8 @@ MAX_TOKENS = 16
 
 # The teacher's BPE tokenizer, written out: the merges a ``tokenizers`` trainer found on the captions when
 # the shipped teacher was made. Trainers break ties in hash order, so these are fixed here, not retrained:
-# the text encoder's embedding rows are indexed by them. Ids: the two specials, the alphabet, the
-# word-final characters, then one token per merge, in this order.
-TOKENIZER_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+# the text encoder's embedding rows are indexed by them. Ids: CLIP's two special tokens, the alphabet,
+# the word-final characters, then one token per merge, in this order.
 TOKENIZER_ALPHABET = "!',-.0123456789?abcdefghijklmnopqrstuvwxyz"
 TOKENIZER_WORD_FINALS = ("e", "n", "d", "a", "w")
 TOKENIZER_MERGES = (
