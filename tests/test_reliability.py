@@ -52,13 +52,21 @@ def launch(workdir, overrides, devices: int = 1, extra_env: Optional[dict] = Non
     return proc, out, err
 
 
+def written(f) -> str:
+    """What the child wrote so far. pread leaves the file offset alone: the child's stderr shares it, so a
+    seek here would make the child's next write land over what it wrote before."""
+    chunks, offset = [], 0
+    while chunk := os.pread(f.fileno(), 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def collect(proc, out, err) -> Run:
     proc.wait(timeout=TIMEOUT)
-    texts = []
-    for f in (out, err):
-        f.seek(0)
-        texts.append(f.read())
-        f.close()
+    texts = [written(out), written(err)]
+    out.close()
+    err.close()
     return Run(proc.returncode, *texts)
 
 
@@ -73,8 +81,7 @@ def kill_when(workdir, condition: Callable[[str, str, float], bool], *overrides)
     start = time.time()
     killed = False
     while proc.poll() is None and time.time() - start < TIMEOUT:
-        err.seek(0)
-        if condition(str(workdir), err.read(), time.time() - start):
+        if condition(str(workdir), written(err), time.time() - start):
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
