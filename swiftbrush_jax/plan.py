@@ -171,7 +171,7 @@ def model_flops(config, pipe, global_batch: int) -> float:
     loop (attention in query blocks) once.
     """
     plain = config.copy_and_resolve_references()
-    plain.remat, plain.attention_query_block = "none", 0
+    plain.remat, plain.attention_query_block, plain.microbatches = "none", 0, 1
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     return _flops(abstract_step(plain, pipe, mesh).lower(global_batch))
 
@@ -208,16 +208,18 @@ def _linear_fit(points: Dict[int, int]) -> tuple:
     return float(intercept), float(slope)
 
 
-def search_batch(total_at: Callable[[int], int], budget_bytes: float, start: int, max_compiles: int) -> BatchSearch:
+def search_batch(total_at: Callable[[int], int], budget_bytes: float, start: int, max_compiles: int,
+                 multiple: int = 1) -> BatchSearch:
     """Secant-style search: fit a line to the measured (batch, bytes) points, compile at its prediction, repeat.
 
     ``total_at(b)`` compiles at per-device batch ``b`` and returns its total bytes;
-    the batch at ``start`` counts as already measured by the caller.
+    the batch at ``start`` counts as already measured by the caller. Every batch tried is a multiple of
+    ``multiple`` (the microbatch count).
     """
     points = {start: total_at(start)}
-    second = start * 2 if points[start] <= budget_bytes else max(1, start // 2)
+    second = start * 2 if points[start] <= budget_bytes else max(multiple, start // 2 // multiple * multiple)
     if second == start:
-        second = start + 1
+        second = start + multiple
     fixed = per_sample = estimate = None
     for _ in range(max_compiles):
         if second not in points:
@@ -225,7 +227,7 @@ def search_batch(total_at: Callable[[int], int], budget_bytes: float, start: int
         fixed, per_sample = _linear_fit(points)
         if per_sample <= 0:
             break
-        estimate = max(0, int((budget_bytes - fixed) // per_sample))
+        estimate = max(0, int((budget_bytes - fixed) // per_sample) // multiple * multiple)
         if estimate < 1 or estimate in points:
             break
         second = estimate
@@ -297,6 +299,9 @@ def main(argv):
                                          "run the plan in a fresh process")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, targets)
     per_device = _BATCH.value or max(1, config.batch_size // devices)
+    if per_device % config.microbatches:
+        raise UsageError(f"per-device batch {per_device} is not divisible by microbatches={config.microbatches}; "
+                         f"use a multiple of {config.microbatches}")
     configs, source = model_configs(config)
     step = abstract_step(config, abstract_pipeline(configs), mesh)
 
@@ -315,12 +320,13 @@ def main(argv):
     flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
     search = None
     if _MEMORY.value is not None:
-        search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value)
+        search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value, config.microbatches)
 
     print(f"model: {source}")
     print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
     print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
-          f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}")
+          f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}; "
+          f"microbatches {config.microbatches}")
     print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
     print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
     print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
@@ -337,7 +343,7 @@ def main(argv):
         report = {
             "model": source, "devices": devices, "mesh": dict(mesh.shape), "teacher_dtype": config.teacher_dtype,
             "student_compute_dtype": config.student_compute_dtype, "remat": config.remat,
-            "lora_rank": config.lora.rank, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
+            "lora_rank": config.lora.rank, "microbatches": config.microbatches, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
             "topology": _TOPOLOGY.value, "device_kind": kind, "jax": jax.__version__,
             "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices,
             "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],

@@ -93,12 +93,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
+def check_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
     n = mesh.size
     if global_batch % n:
         raise ShardingError(
             f"batch_size={global_batch} is not divisible by the {n} devices; "
             f"use a multiple of {n}, e.g. --config.batch_size={max(n, global_batch - global_batch % n)}"
+        )
+    if microbatches < 1 or (global_batch // n) % microbatches:
+        raise ShardingError(
+            f"microbatches={microbatches} does not divide the per-device batch {global_batch // n} "
+            f"(batch_size={global_batch} over {n} devices); use a divisor of {global_batch // n}"
         )
 
 

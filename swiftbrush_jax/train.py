@@ -81,7 +81,7 @@ def build_vsd(config, pipe) -> VSD:
         student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
         student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
-        latent_shape=(latent, latent, unet_config.in_channels))
+        latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches)
 
 
 def frozen_inputs(config, pipe, mesh):
@@ -154,7 +154,7 @@ def main(argv):
     t_start = time.time()
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sharding.check_batch(config.batch_size, mesh)
+    sharding.check_batch(config.batch_size, mesh, config.microbatches)
     prompts, stats = prompt_source(config)
     log(f"prompts: {stats.describe()}")
     stream = data.PromptStream(prompts, config.batch_size, config.seed, jax.process_index(), jax.process_count())

@@ -102,6 +102,13 @@ def cfg_output(unet: nn.Module, variables, x, t, cond, uncond, scale):
     return out_uncond + scale * (out_cond - out_uncond)
 
 
+def with_x0_std(means: dict) -> dict:
+    """Batch metrics with x0's mean and mean square turned into its standard deviation."""
+    means = dict(means)
+    mean, sq_mean = means.pop("x0_mean"), means.pop("x0_sq_mean")
+    return {**means, "x0_std": jnp.sqrt(jnp.maximum(sq_mean - mean**2, 0.0))}
+
+
 @dataclasses.dataclass(frozen=True)
 class VSD:
     """The static parts of the step: modules, schedule, optimizers, constants."""
@@ -114,6 +121,7 @@ class VSD:
     student_tx: optax.GradientTransformation
     lora_tx: optax.GradientTransformation
     latent_shape: tuple  # (H, W, C) of the student's noise
+    microbatches: int = 1  # the batch in this many sequential chunks, gradients summed: same update, less memory
 
     @property
     def student_t(self) -> int:
@@ -175,6 +183,35 @@ class VSD:
 
     def losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
         """Both losses and each tree's gradient from its own loss only."""
+        means, student_grads, lora_grads = self.batch_means(student, lora, teacher, cond, uncond, noise)
+        return with_x0_std(means), student_grads, lora_grads
+
+    def accumulated_losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
+        """``losses_and_grads`` of the whole batch, computed ``microbatches`` chunks at a time.
+
+        Every loss and logged quantity is a mean over the batch, so the batch's value and gradient are the
+        means of the chunks': the update is the full batch's while activations exist for one chunk at a
+        time. Chunk j holds rows j, j+k, j+2k, ...: each device's share of the batch splits in place.
+        """
+        k = self.microbatches
+        chunked = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+
+        def add_chunk(total, chunk):
+            chunk_cond, chunk_noise = chunk
+            out = self.batch_means(student, lora, teacher, chunk_cond, uncond, chunk_noise)
+            return jax.tree_util.tree_map(jnp.add, total, out), None
+
+        chunks = (chunked(cond), jax.tree_util.tree_map(chunked, noise))
+        # Sums start as zeros like the parameters, so they take the parameters' (FSDP) sharding.
+        zero = jnp.zeros((), jnp.float32)
+        zeros = ({"loss_student": zero, "loss_lora": zero, "x0_mean": zero, "x0_sq_mean": zero},
+                 jax.tree_util.tree_map(jnp.zeros_like, student), jax.tree_util.tree_map(jnp.zeros_like, lora))
+        total, _ = jax.lax.scan(add_chunk, zeros, chunks)
+        means, student_grads, lora_grads = jax.tree_util.tree_map(lambda x: x / k, total)
+        return with_x0_std(means), student_grads, lora_grads
+
+    def batch_means(self, student, lora, teacher, cond, uncond, noise: Noise):
+        """(batch means of the losses and of x0 and x0^2, student gradient, LoRA gradient) for one batch."""
         cond = cond.astype(jnp.float32)
         x0, pullback = jax.vjp(lambda p: self.student_x0(p, noise.z, cond), student)
         grad = jax.lax.stop_gradient(self.vsd_gradient(teacher, lora, x0, cond, uncond, noise))
@@ -183,9 +220,9 @@ class VSD:
         (student_grads,) = pullback(resid / resid.size)
         loss_lora, lora_grads = jax.value_and_grad(self.lora_loss)(
             lora, teacher, jax.lax.stop_gradient(x0), cond, uncond, noise)
-        metrics = {"loss_student": 0.5 * jnp.mean(resid**2), "loss_lora": loss_lora,
-                   "x0_std": jnp.std(x0)}
-        return metrics, student_grads, lora_grads
+        means = {"loss_student": 0.5 * jnp.mean(resid**2), "loss_lora": loss_lora,
+                 "x0_mean": jnp.mean(x0), "x0_sq_mean": jnp.mean(x0**2)}
+        return means, student_grads, lora_grads
 
     def apply_grads(self, state: TrainState, student_grads, lora_grads, metrics, rng) -> tuple:
         """Both optax chains and the EMA; the whole update is dropped if anything is non-finite."""
@@ -219,8 +256,9 @@ class VSD:
         rng, step_rng = jax.random.split(state.rng)
         cond = self.text_encoder.apply({"params": frozen.text}, token_ids)
         noise = self.draw(step_rng, token_ids.shape[0])
-        metrics, student_grads, lora_grads = self.losses_and_grads(
-            state.student, state.lora, frozen.teacher, cond, frozen.uncond, noise)
+        grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
+        metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond, frozen.uncond,
+                                                      noise)
         return self.apply_grads(state, student_grads, lora_grads, metrics, rng)
 
     def jit_train_step(self, state_shardings, frozen_shardings, batch_sharding, replicated) -> Callable:

@@ -80,3 +80,24 @@ def test_batch_search_finds_the_largest_batch_on_a_linear_cost():
 def test_batch_search_when_nothing_fits():
     search = search_batch(lambda b: 100 + b, budget_bytes=50, start=2, max_compiles=3)
     assert search.largest_measured_fit is None and search.fit_estimate == 0
+
+
+def test_batch_search_tries_only_multiples_of_the_microbatch_count():
+    compiled = []
+
+    def total_at(batch):
+        compiled.append(batch)
+        return 10 + 3 * batch
+
+    search = search_batch(total_at, budget_bytes=50, start=4, max_compiles=4, multiple=4)
+    assert all(b % 4 == 0 for b in compiled) and search.largest_measured_fit == 12
+    assert search_batch(lambda b: 100 + b, budget_bytes=50, start=8, max_compiles=3, multiple=4).fit_estimate == 0
+
+
+def test_batch_not_divisible_into_microbatches_is_one_line_and_exit_2():
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+           "--per-device-batch", "3", "--config.microbatches=2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: per-device batch 3 is not divisible by microbatches=2; "
+                                                    "use a multiple of 2")

@@ -1,5 +1,6 @@
 """The train step on 8 simulated CPU devices equals the step on one device; the rule table's layouts."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -32,8 +33,9 @@ def setup(tmp_path_factory):
     return config, pipe, build_vsd(config, pipe), ids
 
 
-def run_steps(setup, mesh, steps=2):
+def run_steps(setup, mesh, steps=2, microbatches=1):
     config, pipe, vsd, ids = setup
+    vsd = dataclasses.replace(vsd, microbatches=microbatches)
     frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
     state, state_sh = initial_state(config, vsd, pipe.unet_params, mesh)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
@@ -48,12 +50,14 @@ def single(setup):
     return run_steps(setup, sharding.make_mesh(1, 1, jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("data,fsdp", [(2, 4), (8, 1)])
-def test_sharded_step_equals_single_device(setup, single, data, fsdp):
+@pytest.mark.parametrize("data,fsdp,microbatches", [(2, 4, 1), (8, 1, 1), (1, 4, 2)])
+def test_sharded_step_equals_single_device(setup, single, data, fsdp, microbatches):
+    """Also with the batch in microbatches: 2 per device (4 devices, batch 8), run one at a time."""
     assert len(jax.devices()) == 8
     want, want_metrics, _ = single
-    got, got_metrics, live = run_steps(setup, sharding.make_mesh(data, fsdp))
-    for k in ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora"):
+    devices = jax.devices()[:data * fsdp]
+    got, got_metrics, live = run_steps(setup, sharding.make_mesh(data, fsdp, devices), microbatches=microbatches)
+    for k in ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora", "x0_std"):
         np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-4, err_msg=k)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=2e-6,
@@ -79,5 +83,7 @@ def test_indivisible_batch_is_a_clear_error():
     mesh = sharding.make_mesh(-1, 2)
     with pytest.raises(sharding.ShardingError, match=r"batch_size=6 is not divisible by the 8 devices"):
         sharding.check_batch(6, mesh)
+    with pytest.raises(sharding.ShardingError, match=r"microbatches=3 does not divide the per-device batch 2 "):
+        sharding.check_batch(16, mesh, microbatches=3)
     with pytest.raises(sharding.ShardingError, match="fsdp=3 does not divide"):
         sharding.make_mesh(-1, 3)
