@@ -40,7 +40,7 @@ TRAIN_IMAGES, TRAIN_IMAGES_SEED = 8192, 3
 INIT_SEED = 0
 
 
-def write_tokenizer(out: str) -> list:
+def write_tokenizer(out: str) -> tuple:
     """The teacher's BPE tokenizer (teacher_arch); returns the token ids of every caption and of "", and its size."""
     folder = os.path.join(out, "tokenizer")
     merges = [tuple(m.split(" ")) for m in arch.TOKENIZER_MERGES]
