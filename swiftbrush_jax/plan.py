@@ -16,12 +16,14 @@ assignment differs by backend (fusion, layouts, bf16 handling), so treat the
 numbers as an estimate, good for comparing settings, not as a guarantee.
 With ``--topology`` the step is compiled ahead of time by the TPU compiler
 itself (libtpu, ``pip install libtpu``; no TPU needed) for that slice, and the
-bytes are what that TPU would allocate.
+bytes are what that TPU would allocate; a batch too large for the chip is
+reported with the bytes the compiler says it needs, not raised.
 """
 
 import dataclasses
 import json
 import os
+import re
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional
@@ -176,9 +178,51 @@ def model_flops(config, pipe, global_batch: int) -> float:
     return _flops(abstract_step(plain, pipe, mesh).lower(global_batch))
 
 
+@dataclasses.dataclass
+class DoesNotFit(Exception):
+    """The TPU compiler refused the step: it needs more memory than the chip has (as the compiler reports both)."""
+
+    per_device_batch: int
+    needed_bytes: int
+    capacity_bytes: int
+    compile_s: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (f"per-device batch {self.per_device_batch} does not fit: the TPU compiler needs at least "
+                f"{self.needed_bytes / GIB:.2f} GiB, the chip has {self.capacity_bytes / GIB:.2f} GiB")
+
+
+# libtpu's refusals, by version: "Used 21.95G of 15.48G hbm." and "the total memory required for HLO
+# temporaries (67.04G) exceeds available HBM (15.75G)". Either figure leaves out some of the step's bytes.
+_HBM_OVERFLOW = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+                 re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                            r"\(([\d.]+)([KMGT]?)\)"))
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def hbm_overflow(message: str) -> Optional[tuple]:
+    """(at least needed, capacity) bytes from a TPU compiler's out-of-memory message, or None for any other error."""
+    for pattern in _HBM_OVERFLOW:
+        found = pattern.search(message)
+        if found:
+            used, used_unit, cap, cap_unit = found.groups()
+            return int(float(used) * _UNIT[used_unit]), int(float(cap) * _UNIT[cap_unit])
+    return None
+
+
 def measure(step: AbstractStep, per_device_batch: int, devices: int) -> Measurement:
+    """Compile at this per-device batch and read XLA's figures; raises DoesNotFit where the TPU compiler refuses."""
     start = time.perf_counter()
-    compiled = step.compile(per_device_batch * devices)
+    try:
+        compiled = step.compile(per_device_batch * devices)
+    except Exception as e:  # the compiler's error type differs by jax version; only HBM overflow is ours
+        overflow = hbm_overflow(str(e))
+        if overflow is None:
+            raise
+        raise DoesNotFit(per_device_batch, *overflow, time.perf_counter() - start) from None
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     return Measurement(per_device_batch, per_device_batch * devices, _flops(compiled), mem.argument_size_in_bytes,
@@ -306,15 +350,22 @@ def main(argv):
     step = abstract_step(config, abstract_pipeline(configs), mesh)
 
     rows: List[Measurement] = []
+    refused: List[DoesNotFit] = []
 
     def total_at(batch: int) -> int:
-        known = [m for m in rows if m.per_device_batch == batch]
-        if not known:
+        """Bytes per device at this batch; a batch the TPU compiler refuses counts with what it said it needs."""
+        for known in rows + refused:
+            if known.per_device_batch == batch:
+                return known.total_bytes if isinstance(known, Measurement) else known.needed_bytes
+        try:
             rows.append(measure(step, batch, devices))
-            known = rows[-1:]
-            print(f"compiled per-device batch {batch}: {known[0].total_bytes / GIB:.2f} GiB, "
-                  f"{known[0].compile_s:.1f} s", flush=True)
-        return known[0].total_bytes
+        except DoesNotFit as e:
+            refused.append(e)
+            print(f"{e} ({e.compile_s:.1f} s)", flush=True)
+            return e.needed_bytes
+        print(f"compiled per-device batch {batch}: {rows[-1].total_bytes / GIB:.2f} GiB, "
+              f"{rows[-1].compile_s:.1f} s", flush=True)
+        return rows[-1].total_bytes
 
     total_at(per_device)
     flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
@@ -327,7 +378,10 @@ def main(argv):
     print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
           f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}; "
           f"microbatches {config.microbatches}")
-    print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
+    if rows:
+        print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
+    for e in sorted(refused, key=lambda e: e.per_device_batch):
+        print(e)
     print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
     print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
           f"batch of {per_device * devices}, {flops / devices / 1e12:.1f} TFLOP per device")
@@ -347,6 +401,7 @@ def main(argv):
             "topology": _TOPOLOGY.value, "device_kind": kind, "jax": jax.__version__,
             "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices,
             "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],
+            "does_not_fit": [e.as_dict() for e in sorted(refused, key=lambda e: e.per_device_batch)],
             "memory_gib": _MEMORY.value, "search": search.as_dict() if search else None, "note": note,
         }
         with open(_JSON.value, "w") as f:

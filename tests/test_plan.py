@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from swiftbrush_jax.plan import search_batch
+from swiftbrush_jax.plan import hbm_overflow, search_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +55,33 @@ def test_tpu_topology_is_compiled_by_the_tpu_compiler(tmp_path):
     assert m["per_device_batch"] == 1 and m["global_batch"] == 4 and m["flops_per_device"] > 0
     assert m["argument_bytes"] > 0 and m["alias_bytes"] > 0
     assert m["total_bytes"] == m["argument_bytes"] + m["temp_bytes"] + m["output_bytes"] - m["alias_bytes"]
+
+
+def test_a_step_too_big_for_the_chip_is_reported_not_raised(tmp_path):
+    """The TPU compiler refuses a step larger than the chip's memory; the plan reports what it needs and goes on."""
+    out = tmp_path / "plan.json"
+    # 128x128 latents: each sample's attention scores alone take GiBs (the tiny config attends in one call).
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+           "--topology", "v5e:1x1", "--config.latent_size=128", "--per-device-batch", "16", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"per-device batch 16 does not fit: the TPU compiler needs at least [\d.]+ GiB, "
+                     r"the chip has 15\.75 GiB", proc.stdout), proc.stdout
+    report = json.loads(out.read_text())
+    (refused,) = report["does_not_fit"]
+    assert report["measurements"] == [] and refused["per_device_batch"] == 16
+    assert refused["needed_bytes"] > refused["capacity_bytes"] > 15 * 2**30
+    assert report["model_flops_per_step"] > 0
+
+
+def test_tpu_out_of_memory_messages_are_read():
+    old = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+           "Used 21.95G of 15.48G hbm.")
+    new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (67.04G) "
+           "exceeds available HBM (15.75G).")
+    assert hbm_overflow(old) == (int(21.95 * 2**30), int(15.48 * 2**30))
+    assert hbm_overflow(new) == (int(67.04 * 2**30), int(15.75 * 2**30))
+    assert hbm_overflow("INTERNAL: something else") is None
 
 
 def test_unknown_topology_is_one_line_and_exit_2():
