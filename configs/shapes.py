@@ -7,8 +7,8 @@ run of minutes instead of 250k steps:
   so 1e-6 would leave the student a copy of the teacher after a few hundred
   steps; 2e-4 is a fine-tuning rate for a UNet this small (the teacher was
   trained at 1e-3). LoRA lr stays at the paper's 1e-3.
-* batch 8, 1500 steps: about 6 minutes on 2 CPU cores (90 s to the first
-  step, then 5.4 steps/s); colour accuracy 0.72 (benchmarks/results/shapes_table.md).
+* batch 8, 1500 steps: about 4 minutes on 2 idle CPU cores (51 s to the
+  first step, then 8.3 steps/s); colour accuracy 0.72 (benchmarks/results/shapes_table.md).
 * LoRA rank 8 (paper 64 on 320-1280 wide layers; here 32-64 wide), alpha
   keeping the paper's alpha / rank = 108 / 64.
 * CFG 3 for the teacher (paper 4.5). Measured on the
