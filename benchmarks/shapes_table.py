@@ -1,4 +1,4 @@
-"""The paper's table (SPEC §3) at laptop scale, on the shipped shapes teacher.
+"""The paper's table (docs/method.md §7) at laptop scale, on the shipped shapes teacher.
 
     python benchmarks/shapes_table.py [--runs runs] [--main-steps 600] [--ablation-steps 120]
 

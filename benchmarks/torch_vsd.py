@@ -1,6 +1,6 @@
 """A PyTorch SwiftBrush train step written the way a PyTorch trainer would run it, as the speed baseline.
 
-Same algorithm as ``swiftbrush_jax.vsd`` and ``tests/vsd_reference.py`` (SPEC §2):
+Same algorithm as ``swiftbrush_jax.vsd`` and ``tests/vsd_reference.py`` (docs/method.md §3):
 student forward and backward, teacher and LoRA teacher each with batched CFG,
 the LoRA teacher's denoising loss, two clipped Adam optimizers, the EMA.
 Unlike the test reference it keeps optimizer state between steps and never

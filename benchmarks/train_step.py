@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --sd21-shapes          # GPU machines: random SD 2.1 weights
 
 Both sides load the same pipeline folder (``pipelines.py``) and run the same
-algorithm (SPEC §2) with the size's training config (batch, LoRA rank, CFG,
+algorithm (docs/method.md §3) with the size's training config (batch, LoRA rank, CFG,
 dtypes) on the same machine, one after the other. Ours is the trainer's step (``train.build_vsd``,
 ``VSD.jit_train_step``) on one device; PyTorch's is ``torch_vsd.TorchVSDStep``
 (diffusers UNet, plain LoRA on to_q/to_v), eager and optionally

@@ -1,4 +1,4 @@
-"""Every training config key with the paper's defaults (SPEC §2); configs/*.py override a few."""
+"""Every training config key with the paper's defaults (docs/method.md §3, §4); configs/*.py override a few."""
 
 import ml_collections
 

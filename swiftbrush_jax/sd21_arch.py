@@ -1,7 +1,7 @@
 """Stable Diffusion 2.1-base's component configs, written out, for planning without its weights.
 
 These are the ``config.json`` / ``scheduler_config.json`` dicts of the
-``stable-diffusion-2-1-base`` diffusers folder (SPEC §4), so that memory and
+``stable-diffusion-2-1-base`` diffusers folder, so that memory and
 FLOP planning (``swiftbrush_jax.plan``) and the random-weight benchmarks can
 build SD 2.1-shaped models on a machine that has never downloaded it.
 """
@@ -66,7 +66,7 @@ VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-# The folder ships a PNDMScheduler config; its betas are the DDPM training schedule of SPEC §2.
+# The folder ships a PNDMScheduler config; its betas are the DDPM training schedule of docs/method.md §2.
 SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,

@@ -1,6 +1,6 @@
 """The SwiftBrush train step: Variational Score Distillation into a one-step student.
 
-One step (SPEC §2): the student maps noise z to x0 at t = T-1; x0 is re-noised
+One step (docs/method.md §3): the student maps noise z to x0 at t = T-1; x0 is re-noised
 at t ~ U[t_min, t_max] and scored by the frozen teacher and the LoRA teacher,
 both with classifier-free guidance; w(t) (e_teacher - e_lora) with
 w = sigma_t^2 is the gradient pushed into x0. The LoRA teacher is trained with
@@ -22,7 +22,7 @@ from . import schedule as sched
 
 @dataclasses.dataclass(frozen=True)
 class VSDConfig:
-    """The method's constants; defaults are the paper's (SPEC §2)."""
+    """The method's constants; defaults are the paper's (docs/method.md §3)."""
 
     guidance_scale: float = 4.5  # CFG of the frozen teacher
     lora_guidance_scale: float = 4.5  # CFG of the LoRA teacher (official code: same as the teacher's)

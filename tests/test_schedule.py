@@ -50,8 +50,11 @@ def nhwc(x):
         (dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02), 1),
         (dict(beta_schedule="squaredcos_cap_v2"), 1),
         (dict(beta_schedule="linear", num_train_timesteps=333), 1),
-        # torch's CPU sqrt (vectorised, not correctly rounded) is sometimes 1 ulp off numpy's.
-        (dict(SD21_BETAS, rescale_betas_zero_snr=True), 4),
+        # Zero terminal SNR shifts and rescales sqrt(abar_t), numbers near 1, then squares: every value
+        # carries the absolute rounding of numbers near 1, and torch's CPU sqrt and pow round differently
+        # on different processors (8 ulps at abar ~ 0.5 on one Xeon, 44 near the end on an EPYC, where
+        # abar ~ 3e-5). So here the bound is absolute: 8 float32 ulps of 1.0.
+        (dict(SD21_BETAS, rescale_betas_zero_snr=True), None),
     ],
     ids=["sd21", "linear", "cosine", "linear_333", "zero_snr"],
 )
@@ -60,7 +63,10 @@ def test_alphas_cumprod_equal_diffusers(config, maxulp, reference):
     ours = NoiseSchedule.from_config(config).alphas_cumprod
     theirs = reference.from_config(config).alphas_cumprod.numpy()
     assert ours.dtype == np.float32 and ours.shape == theirs.shape
-    np.testing.assert_array_max_ulp(ours, theirs, maxulp=maxulp)
+    if maxulp is None:
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=8 * np.finfo(np.float32).eps)
+    else:
+        np.testing.assert_array_max_ulp(ours, theirs, maxulp=maxulp)
 
 
 def test_zero_snr_schedule_ends_at_zero():
@@ -189,7 +195,7 @@ def test_alpha_sigma_shape_and_unit_norm():
     a, s = alpha_sigma(schedule, jnp.array([0, 500, 999]))
     assert a.shape == s.shape == (3, 1, 1, 1)
     np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-6)
-    np.testing.assert_allclose(a[2, 0, 0, 0] ** 2, 0.0046600, rtol=1e-3)  # SPEC: abar_999 ~ 0.00466
+    np.testing.assert_allclose(a[2, 0, 0, 0] ** 2, 0.0046600, rtol=1e-3)  # docs/method.md §2: abar_999 ~ 0.00466
     # The schedule is a pytree: it can be a jit argument, its config staying static.
     a_jit, s_jit = jax.jit(alpha_sigma)(schedule, jnp.array([0, 500, 999]))
     np.testing.assert_array_equal(a_jit, a)

@@ -1,4 +1,4 @@
-"""The JAX VSD step against the independent PyTorch reference of SPEC §2 (tests/vsd_reference.py)."""
+"""The JAX VSD step against the independent PyTorch reference of docs/method.md §3 (tests/vsd_reference.py)."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""An independent PyTorch reference of one SwiftBrush VSD training step (SPEC §2).
+"""An independent PyTorch reference of one SwiftBrush VSD training step (docs/method.md §3).
 
 The JAX train step is tested against this module, so it follows the spec
 literally, one line of math per line of code, with diffusers'
@@ -100,7 +100,7 @@ def _cfg(net, x, t, cond, uncond, guidance):
 
 def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, eps_vsd, t_lora, eps_lora,
                        drop_mask, alphas_cumprod, *, guidance=4.5, student_t=999, prediction_type="epsilon"):
-    """Losses and gradients of one SwiftBrush step, exactly as SPEC §2 writes them.
+    """Losses and gradients of one SwiftBrush step, exactly as docs/method.md §3 writes them.
 
     Student gradients come from ``loss_student`` only, LoRA gradients from
     ``loss_lora`` only. Returns a dict with ``loss_student``, ``loss_lora``
