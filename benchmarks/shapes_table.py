@@ -26,10 +26,10 @@ from swiftbrush_jax.toy import shapes, teacher_path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
-DISTILLATIONS = {  # name -> (config overrides, student output is x0)
-    "swiftbrush": ([], False),
-    "sds_ablation": (["--config.vsd.use_lora_teacher=False"], False),
-    "no_x0_ablation": (["--config.vsd.student_x0_parameterization=False"], True),
+DISTILLATIONS = {  # name -> config overrides
+    "swiftbrush": [],
+    "sds_ablation": ["--config.vsd.use_lora_teacher=False"],
+    "no_x0_ablation": ["--config.vsd.student_x0_parameterization=False"],
 }
 
 
@@ -40,7 +40,7 @@ def has_checkpoint(workdir: str, steps: int) -> bool:
 def train_missing(runs: str, steps: dict) -> dict:
     """Start every distillation whose workdir lacks its final checkpoint, side by side; wall seconds each."""
     procs, walls = {}, {}
-    for name, (overrides, _) in DISTILLATIONS.items():
+    for name, overrides in DISTILLATIONS.items():
         workdir = os.path.join(runs, f"shapes_{name}")
         if has_checkpoint(workdir, steps[name]):
             print(f"reusing {workdir}", flush=True)
@@ -83,8 +83,8 @@ def main(argv=None) -> None:
         "teacher_ddim": dict(model=teacher_path(), steps=args.ddim_steps, guidance=args.guidance),
         "teacher_1step": dict(model=teacher_path(), steps=1),
     }
-    for name, (_, output_is_x0) in DISTILLATIONS.items():
-        rows[name] = dict(model=os.path.join(args.runs, f"shapes_{name}"), output_is_x0=output_is_x0)
+    for name in DISTILLATIONS:
+        rows[name] = dict(model=os.path.join(args.runs, f"shapes_{name}"))
     os.makedirs(args.out, exist_ok=True)
     prompts = shapes.all_prompts()
     results = {}

@@ -1,15 +1,19 @@
 """Orbax checkpoints of the train state, with the metadata needed to resume safely.
 
 Each checkpoint holds the ``TrainState`` (student, EMA, LoRA, both optimizer
-states, step, RNG) and a JSON record: the prompt-stream position and a
-fingerprint of the config keys that shape the state. The frozen teacher is
-never written: it is re-read from its source on resume.
+states, step, RNG) and a JSON record: the prompt-stream position, the whole
+config of the run, and how to run the student (``student.StudentRecord``). The
+frozen teacher is never written: it is re-read from its source on resume. A
+resumed run may change the keys of ``CHANGEABLE_ON_RESUME``; any other change is
+refused with the keys named, and nothing is moved.
 
 A checkpoint is only ever trusted once it reads back bit for bit: the JSON
 record carries a checksum of every array, and resuming verifies them. One that
 fails is moved aside (never deleted) and the previous one is used instead.
 """
 
+import fnmatch
+import json
 import os
 import re
 import shutil
@@ -22,8 +26,16 @@ import orbax.checkpoint as ocp
 
 from . import distributed
 
-# Config keys whose change makes an old checkpoint meaningless for a new run.
-FINGERPRINT_KEYS = ("teacher", "student_init", "lora.rank", "lora.alpha", "lora.targets", "seed", "prompts")
+# Config keys a resumed run may change: they steer the loop, logging, memory use and the learning-rate
+# schedule, not what the state holds or how it was made. The prompt source may be renamed or moved: the
+# prompts themselves are checked by their digest. Every other key is fixed for the life of a workdir.
+CHANGEABLE_ON_RESUME = (
+    "prompts", "prompt_column", "validation_prompts", "total_steps", "log_every", "checkpoint_every",
+    "keep_checkpoints", "sample_every", "max_consecutive_skips", "mesh.*", "remat", "attention_query_block",
+    "microbatches", "teacher_dtype", "student_compute_dtype",
+    "*_optimizer.lr", "*_optimizer.warmup_steps", "*_optimizer.decay_steps", "*_optimizer.weight_decay",
+    "*_optimizer.clip",
+)
 
 
 class CheckpointError(ValueError):
@@ -38,14 +50,29 @@ class CorruptCheckpoint(Exception):
     """A checkpoint that does not read back as it was written (truncated, overwritten, half deleted)."""
 
 
-def fingerprint(config) -> dict:
-    out = {}
-    for key in FINGERPRINT_KEYS:
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if hasattr(value, "get") else None
-        out[key] = list(value) if isinstance(value, (tuple, list)) else value
-    return out
+def config_record(config) -> dict:
+    """The whole config as {dotted key: JSON value}, as a checkpoint records it."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return json.loads(json.dumps(dict(flat(config.to_dict()))))
+
+
+def changeable_on_resume(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in CHANGEABLE_ON_RESUME)
+
+
+def config_changes(saved: dict, config) -> tuple:
+    """(changes a resumed run may make, changes it may not), each a list of "key: old -> new" lines."""
+    now = config_record(config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    describe = lambda k: f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+    return ([describe(k) for k in changed if changeable_on_resume(k)],
+            [describe(k) for k in changed if not changeable_on_resume(k)])
 
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -162,12 +189,19 @@ def restore(mngr: ocp.CheckpointManager, step: int, target) -> tuple:
     return out.state, out.meta
 
 
-def check_compatible(saved: dict, config) -> None:
-    now = fingerprint(config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {now[k]!r}" for k in now if saved.get(k) != now[k]]
-    if diff:
-        raise CheckpointError("the workdir holds checkpoints of an incompatible config (" + "; ".join(diff)
-                              + "); use a new --workdir or the original config")
+def check_compatible(meta: dict, config, step: int, directory: str) -> list:
+    """The changes this run makes to checkpoint ``step``'s config, where all are allowed on resume;
+    else a CheckpointError naming the ones that are not."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {step} in {directory} records no config (an older swiftbrush-jax wrote "
+                              "it); resume it with that version, or use a new --workdir")
+    allowed, refused = config_changes(saved, config)
+    if refused:
+        raise CheckpointError(f"checkpoint {step} in {directory} was made with another config, and these keys cannot "
+                              f"change mid-run: {'; '.join(refused)}; resume with the checkpoint's values or use a "
+                              f"new --workdir (keys that may change: {', '.join(CHANGEABLE_ON_RESUME)})")
+    return allowed
 
 
 def restore_newest_good(mngr: ocp.CheckpointManager, target, config, aside: str,
@@ -180,7 +214,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target, config, aside: str,
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
         try:
-            state, meta = _restore_verified(mngr, step, target, config)
+            state, meta = _restore_verified(mngr, step, target, config, warn)
         except CorruptCheckpoint as e:
             moved = move_aside(mngr, step, aside)
             warn(f"warning: checkpoint {step} is damaged ({e}); moved it to {moved}, trying the previous one")
@@ -190,14 +224,15 @@ def restore_newest_good(mngr: ocp.CheckpointManager, target, config, aside: str,
                           f"they were moved to {aside}; rerun to start afresh, or restore them from a backup")
 
 
-def _restore_verified(mngr: ocp.CheckpointManager, step: int, target, config) -> tuple:
-    """Checkpoint ``step`` after checking its config fingerprint and every array's checksum."""
+def _restore_verified(mngr: ocp.CheckpointManager, step: int, target, config, warn: Callable[[str], None]) -> tuple:
+    """Checkpoint ``step`` after checking its config and every array's checksum."""
     try:
         meta = read_meta(mngr, step)
-        saved = meta["fingerprint"]
     except Exception as e:  # a missing, truncated or garbled JSON record
         raise CorruptCheckpoint(f"its metadata is unreadable: {first_line(e)}") from None
-    check_compatible(saved, config)
+    allowed = check_compatible(meta, config, step, str(mngr.directory))
+    if allowed:
+        warn(f"resuming step {step} with changed settings: {'; '.join(allowed)}")
     state, error = None, None
     try:
         state, meta = restore(mngr, step, target)

@@ -16,7 +16,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def user_error_types() -> tuple:
-    """Exceptions whose message is written for the user: the fix is in the input, not the code."""
+    """Exceptions whose message is written for the user: the fix is in the input, not the code.
+
+    Of the OS errors only those that name a wrong path are; any other I/O failure (a lost mount, a disk
+    error) keeps its traceback, which is what its report needs."""
     from .checkpoint import CheckpointError
     from .data import PromptSourceError
     from .models import UnsupportedConfigError
@@ -25,7 +28,7 @@ def user_error_types() -> tuple:
     from .weights import WeightsError
 
     return (CheckpointError, PromptSourceError, UnsupportedConfigError, PipelineError, ShardingError,
-            WeightsError, UsageError, TrainingDiverged, OSError)
+            WeightsError, UsageError, TrainingDiverged, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def exit_on_user_error(main):

@@ -4,6 +4,9 @@
     python -m swiftbrush_jax.evaluate --suite shapes --model <diffusers folder> --steps 25 --guidance 3
     python -m swiftbrush_jax.evaluate --suite shapes --model <diffusers folder> --steps 1  # teacher x0 at T-1
 
+Suites: ``shapes`` (below); ``coco2014`` and ``hps``, the papers' FID, CLIP
+score and HPSv2 (``swiftbrush_jax.paper_eval``, see its ``--help``).
+
 For every prompt of the shapes vocabulary (or the first --num-prompts) it
 draws --seeds latents from held-out noise seeds, generates, and scores with
 swiftbrush_jax.metrics: colour / shape / joint accuracy, diversity across
@@ -13,17 +16,16 @@ teacher never saw) of the same prompts. Prints one table row, writes JSON.
 
 import argparse
 import json
-import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import metrics
-from .generate import decode_to_pixels, make_ddim_sampler, to_uint8
+from .errors import exit_on_user_error
+from .generate import ddim_images, one_step_images, to_uint8
 from .toy import shapes
 
 NOISE_SEED = 10_000  # generation noise, disjoint from every training seed
@@ -43,56 +45,35 @@ def rendered_truth(prompts: List[str], per_prompt: int, size_px: int, seed: int 
     return np.concatenate(out)
 
 
-def make_one_step(pipe, t: int, output_is_x0: bool):
-    """A jitted (unet params, z, cond) -> float images: x0 from one UNet call at t, VAE-decoded.
+def make_generator(source: str, steps: Optional[int], guidance: Optional[float]):
+    """(model, generate(z, cond) -> float images in [0, 1], description) for a workdir or diffusers folder.
 
-    output_is_x0: the UNet's output is x0 itself (the no-x0-parameterisation
-    ablation); otherwise it is converted with the schedule, as the student is.
-    """
-    from .schedule import to_x0
+    A workdir's student runs in one step as its checkpoint records; a diffusers folder as ``sample``
+    runs it (``sample.sampling_steps``: DDIM with guidance, or one call at T - 1 for ``steps=1``)."""
+    from .sample import load_sampling_model, sampling_steps
 
-    @jax.jit
-    def sample(unet_params, vae_params, z, cond):
-        timesteps = jnp.full((z.shape[0],), t, jnp.int32)
-        out = pipe.unet.apply({"params": unet_params}, z, timesteps, cond).astype(jnp.float32)
-        x0 = out if output_is_x0 else to_x0(pipe.schedule, out, z, timesteps)
-        return decode_to_pixels(pipe.vae, vae_params, x0)
-
-    return sample
-
-
-def make_generator(model: str, steps: int, guidance: float, output_is_x0: bool):
-    """(pipeline, generate(z, cond, uncond) -> float images in [0, 1], description) for a workdir or folder."""
-    from .pipeline import load_pipeline
-
-    if os.path.isdir(os.path.join(model, "checkpoints")):
-        from .checkpoint import load_student
-
-        params, meta, step = load_student(model)
-        pipe = load_pipeline(meta["teacher_root"])
-        sample = make_one_step(pipe, int(meta["student_t"]), output_is_x0)
-        return (pipe, lambda z, cond, uncond: sample(params, pipe.vae_params, z, cond),
-                f"student EMA step {step}, 1 step")
-    pipe = load_pipeline(model)
+    model = load_sampling_model(source)
+    steps, guidance = sampling_steps(model, steps, guidance)
+    pipe = model.pipe
     if steps == 1:
-        last = pipe.schedule.num_train_timesteps - 1
-        sample = make_one_step(pipe, last, False)
-        return (pipe, lambda z, cond, uncond: sample(pipe.unet_params, pipe.vae_params, z, cond),
-                f"teacher x0 at t={last}, 1 step")
-    sample = make_ddim_sampler(pipe.unet, pipe.vae, pipe.schedule, steps, guidance)
-    return (pipe, lambda z, cond, uncond: sample(pipe.unet_params, pipe.vae_params, z, cond, uncond),
+        run = jax.jit(one_step_images(pipe.unet, pipe.vae, pipe.schedule, model.one_step_t, model.output_is_x0))
+        generate = lambda z, cond: run(model.unet_params, pipe.vae_params, z, cond)
+        what = model.description if model.is_student else f"teacher x0 at t={model.one_step_t}"
+        return model, generate, f"{what}, 1 step"
+    run = jax.jit(ddim_images(pipe.unet, pipe.vae, pipe.schedule, steps, guidance))
+    uncond = pipe.encode_text([""])
+    return (model, lambda z, cond: run(model.unet_params, pipe.vae_params, z, cond, uncond),
             f"teacher DDIM {steps} steps, CFG {guidance:g}")
 
 
-def generate_suite(pipe, generate, prompts: List[str], seeds: int) -> np.ndarray:
+def generate_suite(model, generate, prompts: List[str], seeds: int) -> np.ndarray:
     """uint8 images, prompt-major: seeds images per prompt from held-out noise."""
-    size = pipe.unet.config.sample_size
-    channels = pipe.unet.config.in_channels
+    from .sample import latent_shape
+
     all_prompts = [p for p in prompts for _ in range(seeds)]
-    z = jax.random.normal(jax.random.PRNGKey(NOISE_SEED), (len(all_prompts), size, size, channels))
-    cond = pipe.encode_text(all_prompts)
-    uncond = pipe.encode_text([""])
-    out = [to_uint8(generate(z[i:i + BATCH], cond[i:i + BATCH], uncond)) for i in range(0, len(z), BATCH)]
+    z = jax.random.normal(jax.random.PRNGKey(NOISE_SEED), (len(all_prompts),) + latent_shape(model))
+    cond = model.pipe.encode_text(all_prompts)
+    out = [to_uint8(generate(z[i:i + BATCH], cond[i:i + BATCH])) for i in range(0, len(z), BATCH)]
     return np.concatenate(out)
 
 
@@ -106,14 +87,14 @@ def score_suite(images: np.ndarray, prompts: List[str], seeds: int) -> Dict[str,
     return result
 
 
-def evaluate(model: str, steps: int = 1, guidance: float = 1.0, num_prompts: int = 0, seeds: int = 8,
-             output_is_x0: bool = False) -> Dict:
+def evaluate(model: str, steps: Optional[int] = None, guidance: Optional[float] = None, num_prompts: int = 0,
+             seeds: int = 8) -> Dict:
     """Generate and score; returns the JSON record (metrics, settings, images for grids under "images")."""
     prompts = shapes.all_prompts()
     prompts = prompts[:num_prompts] if num_prompts else prompts
     t0 = time.time()
-    pipe, generate, description = make_generator(model, steps, guidance, output_is_x0)
-    images = generate_suite(pipe, generate, prompts, seeds)
+    sampling_model, generate, description = make_generator(model, steps, guidance)
+    images = generate_suite(sampling_model, generate, prompts, seeds)
     result = {"model": model, "description": description, "steps": steps, "guidance": guidance,
               "num_prompts": len(prompts), "seeds": seeds, **score_suite(images, prompts, seeds),
               "seconds": time.time() - t0}
@@ -131,20 +112,32 @@ def table_header() -> str:
     return "| model | " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * (len(TABLE_COLUMNS) + 1)
 
 
+SUITES = ("shapes", "coco2014", "hps")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["shapes"], required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=SUITES)
+    if suite.parse_known_args(argv)[0].suite in ("coco2014", "hps"):
+        from . import paper_eval
+
+        return paper_eval.main(argv)
+    from .sample import add_sampling_flags
+
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, required=True,
+                        help="shapes: the laptop suite below; coco2014, hps: see swiftbrush_jax.paper_eval --help")
     parser.add_argument("--model", required=True, help="training workdir (student) or diffusers folder (teacher)")
-    parser.add_argument("--steps", type=int, default=1, help="diffusers folder: 1 = x0 at T-1, N = DDIM")
-    parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale of DDIM (<= 1: conditional only)")
+    add_sampling_flags(parser)
     parser.add_argument("--num-prompts", type=int, default=0, help="first P prompts of the vocabulary (0: all 18)")
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
-    parser.add_argument("--student-outputs-x0", action="store_true",
-                        help="the student was trained without the x0 parameterisation (ablation)")
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--grid", help="write an image grid PNG here (one row per prompt)")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, args.steps, args.guidance, args.num_prompts, args.seeds, args.student_outputs_x0)
+    result = evaluate(args.model, args.steps, args.guidance, args.num_prompts, args.seeds)
     images = result.pop("images")
     print(table_header())
     print(table_row(result))
@@ -166,4 +159,4 @@ def write_grid(path: str, images: np.ndarray, seeds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main)(sys.argv[1:])

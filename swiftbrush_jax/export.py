@@ -14,7 +14,6 @@ renamed to ``--out`` at the end: a failed export leaves no partial ``--out``.
 import argparse
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -27,11 +26,13 @@ from .schedule import NoiseSchedule
 from .student import TrainedStudent, load_trained_student
 
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-HUB_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
 
-def one_step_scheduler_config(schedule: NoiseSchedule, t: int) -> dict:
+def one_step_scheduler_config(schedule: NoiseSchedule, t: int, output_is_x0: bool = False) -> dict:
     """A DDIMScheduler config whose 1-step schedule is [t] and whose final step returns x0 exactly.
+
+    The student's output is read as the teacher's prediction type, or, for a student trained without the
+    x0 parameterisation, as ``sample``: x0 itself, which DDIM then returns unchanged.
 
     ``trailing`` spacing gives [T - 1] at one step (and a sensible spread at
     more); with ``set_alpha_to_one`` the step lands on abar = 1, where DDIM's
@@ -45,19 +46,20 @@ def one_step_scheduler_config(schedule: NoiseSchedule, t: int) -> dict:
         raise UsageError(f"the student was trained at t={t}; a diffusers DDIM pipeline calls a one-step model "
                          f"at t={last} only, so it cannot reproduce this student")
     return schedule.to_ddim_config(timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=True,
-                                   clip_sample=False)
+                                   clip_sample=False, **({"prediction_type": "sample"} if output_is_x0 else {}))
 
 
-def teacher_name(teacher_root: str) -> str:
-    """The Hub id of a Hugging Face cache snapshot, else the folder itself."""
-    match = HUB_SNAPSHOT.search(teacher_root.replace(os.sep, "/"))
-    return f"{match.group(1)}/{match.group(2)}" if match else teacher_root
+def teacher_name(student: TrainedStudent) -> str:
+    """The teacher as the run was given it: a Hub id, else the folder."""
+    return student.record.teacher.get("hub", student.teacher_root)
 
 
 def model_card(student: TrainedStudent) -> str:
     """A short README.md: what the folder is, how it was made, how to use it."""
     weights = "the EMA of the student's weights" if student.ema else "the raw student weights (no EMA)"
-    prompts = student.meta.get("fingerprint", {}).get("prompts")
+    output = (" and its output is the clean latent x0 itself" if student.record.output_is_x0
+              else " and its output turned into the clean latent x0")
+    prompts = student.meta["config"].get("prompts")
     trained_on = f" on the prompts `{prompts}`" if prompts else ""
     return f"""---
 library_name: diffusers
@@ -67,12 +69,12 @@ tags: [stable-diffusion, swiftbrush, one-step, distillation]
 
 # SwiftBrush one-step student
 
-A one-step text-to-image generator distilled from `{teacher_name(student.teacher_root)}` with
+A one-step text-to-image generator distilled from `{teacher_name(student)}` with
 SwiftBrush (Nguyen & Tran, CVPR 2024): variational score distillation from the frozen teacher
 and a LoRA teacher, trained on prompts only, no images.
 
 - Made with swiftbrush-jax: {student.step} training steps{trained_on}; `unet/` holds {weights}.
-- The student is called once at timestep {student.t} and its output turned into the clean latent x0.
+- The student is called once at timestep {student.record.t}{output}.
 - `vae/`, `text_encoder/` and `tokenizer/` are the teacher's, unchanged; the scheduler is DDIM
   set up so that one step returns the student's x0 exactly.
 
@@ -113,7 +115,8 @@ def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True)
     """Write the pipeline folder ``out`` from a workdir's checkpoint; returns its absolute path."""
     out = prepare_out(out)
     student = load_trained_student(workdir, step, ema)
-    scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(student.teacher_root), student.t)
+    scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(student.teacher_root), student.record.t,
+                                                 student.record.output_is_x0)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
@@ -129,7 +132,8 @@ def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.export", description=__doc__.split("\n\n")[0],
+                                     epilog="example:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")

@@ -1,23 +1,72 @@
-"""One-step generation with a SwiftBrush student, and VAE decoding to pixels."""
+"""Generation, the one place for each computation: guidance, the one-step generator, DDIM, VAE decoding.
 
-import jax
+The trainer's step and sampler, ``sample``, ``evaluate`` and ``export`` all
+build their images from these functions (docs/method.md §2, §3).
+"""
+
 import jax.numpy as jnp
 import numpy as np
 
 from . import schedule as sched
 
+# Defaults of a diffusers folder sampled as the teacher: diffusers' StableDiffusionPipeline's own.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
 
-def one_step_x0(unet, params, z, cond, schedule, t: int):
-    """The student's sample: x0 predicted from pure noise z at timestep t (T - 1)."""
+
+def guided(unet, variables, x, t, cond, uncond, scale: float):
+    """Classifier-free guidance: net(x, t, "") + scale * (net(x, t, c) - net(x, t, "")), float32.
+
+    The two halves run as one batched call; at scale 1 the formula is the conditional output, so only
+    that half runs."""
+    if scale == 1.0:
+        return unet.apply(variables, x, t, cond).astype(jnp.float32)
+    b = x.shape[0]
+    out = unet.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), cond]))
+    out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def one_step_x0(unet, params, z, cond, schedule, t: int, output_is_x0: bool = False):
+    """The one-step generator: the clean latent x0 from one UNet call on pure noise z at timestep t.
+
+    The output is a prediction of the schedule's type turned into x0 (the x0 parameterisation), or, for
+    the paper's ablation that drops it, taken as x0 itself (``output_is_x0``)."""
     timesteps = jnp.full((z.shape[0],), t, jnp.int32)
     out = unet.apply({"params": params}, z, timesteps, cond).astype(jnp.float32)
-    return sched.to_x0(schedule, out, z, timesteps)
+    return out if output_is_x0 else sched.to_x0(schedule, out, z, timesteps)
 
 
 def decode_to_pixels(vae, vae_params, latents):
     """VAE-decode latents (unscaled by the VAE's scaling factor) to float images in [0, 1], NHWC."""
     image = vae.apply({"params": vae_params}, latents / vae.config.scaling_factor, method=vae.decode)
     return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def one_step_images(unet, vae, schedule, t: int, output_is_x0: bool = False):
+    """(unet params, vae params, z, cond) -> float images in [0, 1]: ``one_step_x0`` decoded; jit it."""
+
+    def sample(unet_params, vae_params, z, cond):
+        return decode_to_pixels(vae, vae_params, one_step_x0(unet, unet_params, z, cond, schedule, t, output_is_x0))
+
+    return sample
+
+
+def ddim_images(unet, vae, schedule, num_steps: int, guidance: float):
+    """(unet params, vae params, z, cond, uncond) -> float images in [0, 1]: multi-step DDIM; jit it.
+
+    DDIM (eta 0) following the scheduler config, with classifier-free guidance against ``uncond``
+    (1, T, D) as diffusers' StableDiffusionPipeline does it: guidance <= 1 runs the conditional branch
+    alone."""
+
+    def sample(unet_params, vae_params, z, cond, uncond):
+        def denoise(x, t):
+            return guided(unet, {"params": unet_params}, x, t, cond, uncond, max(guidance, 1.0))
+
+        return decode_to_pixels(vae, vae_params, sched.ddim_sample(denoise, z, schedule, num_steps))
+
+    return sample
 
 
 def to_uint8(images) -> np.ndarray:
@@ -34,37 +83,3 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     return grid
-
-
-def make_sampler(student_unet, vae, schedule, t: int):
-    """A jitted (student params, vae params, z, cond) -> float images function."""
-
-    @jax.jit
-    def sample(student_params, vae_params, z, cond):
-        return decode_to_pixels(vae, vae_params, one_step_x0(student_unet, student_params, z, cond, schedule, t))
-
-    return sample
-
-
-def make_ddim_sampler(unet, vae, schedule, num_steps: int, guidance: float):
-    """A jitted (unet params, vae params, z, cond, uncond) -> float images function.
-
-    Multi-step DDIM (eta 0) following the scheduler config, with classifier-free
-    guidance against ``uncond`` (1, T, D) as diffusers' StableDiffusionPipeline
-    does it: guidance <= 1 runs the conditional branch alone.
-    """
-
-    @jax.jit
-    def sample(unet_params, vae_params, z, cond, uncond):
-        def denoise(x, t):
-            if guidance <= 1.0:
-                return unet.apply({"params": unet_params}, x, t, cond).astype(jnp.float32)
-            ctx = jnp.concatenate([jnp.broadcast_to(uncond, (x.shape[0],) + uncond.shape[1:]), cond])
-            out = unet.apply({"params": unet_params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), ctx)
-            out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
-            return out_uncond + guidance * (out_cond - out_uncond)
-
-        x0 = sched.ddim_sample(denoise, z, schedule, num_steps)
-        return decode_to_pixels(vae, vae_params, x0)
-
-    return sample

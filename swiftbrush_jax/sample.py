@@ -6,9 +6,10 @@
 
 A training workdir gives its EMA student (newest checkpoint unless ``--step``;
 ``--no-ema`` for the raw student) with its teacher's VAE, text encoder and
-schedule, sampled in one step. A diffusers folder or Hub id is sampled in one
-step at t = T - 1 (its prediction turned into x0), or with ``--steps`` by the
-multi-step DDIM loop with classifier-free guidance: the teacher baseline.
+schedule, sampled in one step as its checkpoint records. A diffusers folder or
+Hub id is sampled as diffusers samples it: multi-step DDIM with
+classifier-free guidance (defaults: 50 steps, guidance 7.5, diffusers' own);
+``--steps 1`` is its one-step baseline, x0 from one call at t = T - 1.
 
 Image k of prompt p starts from the noise of seed ``--seed + k`` (or row k of
 ``--latents``, diffusers' NCHW layout), so every prompt shares the same noise
@@ -28,19 +29,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import data
 from .errors import UsageError, exit_on_user_error
-from .generate import make_ddim_sampler, make_sampler, to_uint8
+from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, ddim_images, one_step_images, to_uint8
 from .pipeline import StableDiffusion, load_pipeline
-
-DEFAULT_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
 
 
 @dataclasses.dataclass
 class SamplingModel:
-    """A UNet and its parameters plus the frozen pipeline parts around it."""
+    """A UNet and its parameters plus the frozen pipeline parts around it, and how to run it in one step."""
 
     pipe: StableDiffusion  # vae, text encoder, tokenizer, schedule; ``pipe.unet`` is the module to run
     unet_params: Any
     one_step_t: int  # the timestep of one-step sampling
+    output_is_x0: bool  # one-step output taken as x0 itself (a student trained without the x0 parameterisation)
+    latent_size: int
+    is_student: bool  # a workdir's one-step student, not a diffusers pipeline's UNet
     description: str
 
 
@@ -58,19 +60,36 @@ def load_sampling_model(source: str, step: Optional[int] = None, ema: bool = Tru
         pipe = load_pipeline(student.teacher_root, components=frozen_parts)
         pipe.unet = student.unet
         which = "EMA student" if ema else "student"
-        return SamplingModel(pipe, student.params, student.t, f"{which} of {source} step {student.step}")
+        return SamplingModel(pipe, student.params, student.record.t, student.record.output_is_x0,
+                             student.record.latent_size, True, f"{which} of {source} step {student.step}")
     if step is not None or not ema:
         raise UsageError("--step and --no-ema choose a checkpoint of a training workdir; "
                          f"{source} is not one (it has no checkpoints/ folder)")
     pipe = load_pipeline(source, components=frozen_parts + ("unet",))
-    return SamplingModel(pipe, pipe.unet_params, pipe.schedule.num_train_timesteps - 1, f"UNet of {pipe.root}")
-
-
-def latent_shape(pipe: StableDiffusion) -> Tuple[int, int, int]:
-    """(H, W, C) of the UNet's default sample size."""
     size = pipe.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else size
-    return h, w, pipe.unet.config.in_channels
+    return SamplingModel(pipe, pipe.unet_params, pipe.schedule.num_train_timesteps - 1, False,
+                         size if isinstance(size, int) else size[0], False, f"UNet of {pipe.root}")
+
+
+def sampling_steps(model: SamplingModel, steps: Optional[int], guidance: Optional[float]) -> Tuple[int, float]:
+    """(steps, guidance) with the defaults filled in: a student runs in one step without guidance; a
+    diffusers model by default as diffusers runs it. 1 step means one call at the model's one-step t."""
+    if model.is_student:
+        if steps not in (None, 1) or guidance is not None:
+            raise UsageError("a workdir's student samples in one step, its guidance distilled into it; "
+                             "drop --steps and --guidance")
+        return 1, 1.0
+    steps = DEFAULT_STEPS if steps is None else steps
+    if steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if steps == 1 and guidance is not None:
+        raise UsageError("--steps 1 is one call at t = T - 1, without guidance; drop --guidance")
+    return steps, DEFAULT_GUIDANCE if guidance is None else guidance
+
+
+def latent_shape(model: SamplingModel) -> Tuple[int, int, int]:
+    """(H, W, C) of the model's noise."""
+    return model.latent_size, model.latent_size, model.pipe.unet.config.in_channels
 
 
 def read_latents(path: str, pipe: StableDiffusion) -> np.ndarray:
@@ -108,10 +127,10 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 
 
 class BatchedSampler:
-    """Jitted sampling of (prompt, noise) pairs in fixed-size batches split over the local devices."""
+    """Jitted sampling of (prompt, noise) pairs in fixed-size batches split over the local devices, in one
+    step or ``steps`` of DDIM with ``guidance`` (as ``sampling_steps`` returns them)."""
 
-    def __init__(self, model: SamplingModel, batch_size: int, steps: Optional[int] = None,
-                 guidance: float = DEFAULT_GUIDANCE):
+    def __init__(self, model: SamplingModel, batch_size: int, steps: int = 1, guidance: float = 1.0):
         devices = jax.local_devices()
         mesh = Mesh(np.asarray(devices), ("batch",))
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
@@ -120,11 +139,12 @@ class BatchedSampler:
         self.pipe = model.pipe
         self.unet_params = jax.device_put(model.unet_params, replicated)
         self.vae_params = jax.device_put(model.pipe.vae_params, replicated)
-        if steps is None:
-            fn = make_sampler(model.pipe.unet, model.pipe.vae, model.pipe.schedule, model.one_step_t)
+        if steps == 1:
+            fn = jax.jit(one_step_images(model.pipe.unet, model.pipe.vae, model.pipe.schedule, model.one_step_t,
+                                         model.output_is_x0))
             self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond)
         else:
-            fn = make_ddim_sampler(model.pipe.unet, model.pipe.vae, model.pipe.schedule, steps, guidance)
+            fn = jax.jit(ddim_images(model.pipe.unet, model.pipe.vae, model.pipe.schedule, steps, guidance))
             uncond = jax.device_put(model.pipe.encode_text([""]), replicated)
             self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond, uncond)
 
@@ -145,7 +165,8 @@ class BatchedSampler:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.sample", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.sample", description=__doc__.split("\n\n")[0],
+                                     epilog="example:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="training workdir, diffusers folder or Hub id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="more prompts: .txt (one a line), .jsonl, .csv or .parquet")
@@ -156,9 +177,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--latents", help="initial noise .npy, (N, C, H/8, W/8) as diffusers takes it")
     parser.add_argument("--step", type=int, help="workdir checkpoint step (default: newest)")
     parser.add_argument("--no-ema", action="store_true", help="workdir: the raw student instead of its EMA")
-    parser.add_argument("--steps", type=int, help="diffusers model: multi-step DDIM with this many steps")
-    parser.add_argument("--guidance", type=float,
-                        help=f"classifier-free guidance of --steps (default {DEFAULT_GUIDANCE})")
+    add_sampling_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -171,23 +190,28 @@ def collect_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
-def check_args(args: argparse.Namespace, workdir: bool) -> None:
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--steps and --guidance, shared by ``sample`` and ``evaluate``."""
+    parser.add_argument("--steps", type=int,
+                        help=f"diffusers model: DDIM steps (default {DEFAULT_STEPS}); 1: one call at t = T - 1. "
+                             "A workdir's student always runs in one step")
+    parser.add_argument("--guidance", type=float,
+                        help=f"diffusers model: classifier-free guidance scale of DDIM (default {DEFAULT_GUIDANCE}; "
+                             "<= 1: the conditional branch alone)")
+
+
+def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise UsageError("--batch-size and --num-images must be at least 1")
-    if args.guidance is not None and args.steps is None:
-        raise UsageError("--guidance applies to the multi-step DDIM baseline; add --steps N")
-    if args.steps is not None and workdir:
-        raise UsageError("--steps runs a diffusers model's DDIM loop; a workdir's student samples in one step")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError("--steps must be at least 1")
 
 
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's restore notices are not for this tool's user
-    check_args(args, is_workdir(args.model))
+    check_args(args)
     prompts = collect_prompts(args)
     model = load_sampling_model(args.model, args.step, not args.no_ema)
+    steps, guidance = sampling_steps(model, args.steps, args.guidance)
     if args.latents:
         noise = read_latents(args.latents, model.pipe)
         if args.num_images not in (None, len(noise)):
@@ -195,10 +219,9 @@ def main(argv: Sequence[str]) -> None:
         names = [f"latents{k}" for k in range(len(noise))]
     else:
         seeds = [args.seed + k for k in range(args.num_images or 1)]
-        noise = seeded_noise(seeds, latent_shape(model.pipe))
+        noise = seeded_noise(seeds, latent_shape(model))
         names = [f"seed{s}" for s in seeds]
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    sampler = BatchedSampler(model, args.batch_size, args.steps, guidance)
+    sampler = BatchedSampler(model, args.batch_size, steps, guidance)
 
     from PIL import Image
 
@@ -207,7 +230,7 @@ def main(argv: Sequence[str]) -> None:
     for p, k, image in sampler.images(prompts, noise):
         Image.fromarray(to_uint8(image)).save(os.path.join(args.out, f"prompt{p:05d}_{names[k]}.png"))
         count += 1
-    how = "1 step" if args.steps is None else f"{args.steps} DDIM steps, guidance {guidance}"
+    how = "1 step" if steps == 1 else f"{steps} DDIM steps, guidance {guidance:g}"
     print(f"wrote {count} images ({how}, {model.description}) to {args.out}", flush=True)
 
 

@@ -1,9 +1,13 @@
-"""The trained student of a workdir, paired with the teacher it was distilled from.
+"""The trained student of a workdir, and the record that says how to run it.
 
-A checkpoint holds only the student's parameters; its architecture, VAE, text
-encoder, tokenizer and noise schedule are the teacher's, found through the
-``teacher_root`` recorded in the checkpoint metadata. Sampling and export
-both start here, so both refuse the same broken workdirs with the same words.
+A checkpoint holds only the student's parameters. Everything else needed to
+turn them into images is the checkpoint's ``student`` record: where the
+teacher is (its VAE, text encoder, tokenizer and schedule are the student's
+too), the timestep the student is called at, whether its output is x0 itself
+or a prediction to convert (docs/method.md §3), the teacher's prediction type
+and the latent size. The trainer's sampler, ``sample``, ``export`` and
+``evaluate`` all read it here, so a workdir copied to another machine runs
+there as it ran where it was trained.
 """
 
 import dataclasses
@@ -16,19 +20,84 @@ from flax import traverse_util
 from .checkpoint import CheckpointError, load_student
 from .models import read_config
 from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
-from .pipeline import PipelineError
+from .pipeline import PipelineError, resolve
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def teacher_reference(source: str, workdir: str) -> dict:
+    """Where the teacher is, in a form that survives moving the workdir or the installed package.
+
+    A folder inside the workdir (the tiny smoke-test teacher) or inside this package (the shapes
+    teacher) is recorded relative to it; another local folder by its absolute path; anything else is a
+    Hub id, found again in the Hub or its offline cache."""
+    if os.path.isdir(source):
+        if _inside(source, workdir):
+            return {"workdir": os.path.relpath(os.path.realpath(source), os.path.realpath(workdir))}
+        if _inside(source, PACKAGE_DIR):
+            return {"package": os.path.relpath(os.path.realpath(source), PACKAGE_DIR)}
+        return {"folder": os.path.abspath(source)}
+    return {"hub": source}
+
+
+def resolve_teacher(reference: dict, workdir: str) -> str:
+    """The local folder of a recorded teacher (a Hub id is fetched or found in the offline cache)."""
+    (kind, where), = reference.items()
+    if kind == "hub":
+        return resolve(where)
+    folder = {"workdir": lambda: os.path.join(workdir, where), "package": lambda: os.path.join(PACKAGE_DIR, where),
+              "folder": lambda: where}[kind]()
+    if not os.path.isdir(os.path.join(folder, "unet")):
+        raise PipelineError(f"{workdir}: its teacher ({kind} {where}) is not at {folder}; the VAE, text encoder "
+                            "and tokenizer are read from it: put the teacher's diffusers folder back there")
+    return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRecord:
+    """How to run a checkpoint's student (saved as the checkpoint metadata's ``student`` entry)."""
+
+    teacher: dict  # teacher_reference()
+    t: int  # the one timestep the student is called at
+    output_is_x0: bool  # the no-x0 ablation: the output is the sample itself, not a prediction to convert
+    prediction_type: str  # the teacher's, which the student's output follows otherwise
+    latent_size: int  # the side of the noise the student was trained on
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict, where: str) -> "StudentRecord":
+        record = meta.get("student")
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(record, dict) or sorted(record) != sorted(names):
+            raise CheckpointError(f"{where}: its metadata has no complete student record (it was written by an "
+                                  "older swiftbrush-jax); sample or export it with the version that trained it")
+        return cls(**record)
+
+
+def record_for_run(config, vsd, teacher_source: str, workdir: str) -> StudentRecord:
+    """The record of a run's student, from its config and step (``vsd.VSD``)."""
+    return StudentRecord(teacher=teacher_reference(teacher_source, workdir), t=vsd.student_t,
+                         output_is_x0=not vsd.config.student_x0_parameterization,
+                         prediction_type=vsd.schedule.prediction_type, latent_size=int(vsd.latent_shape[0]))
 
 
 @dataclasses.dataclass
 class TrainedStudent:
-    """Student (or EMA) parameters of one checkpoint, with the UNet module they run in."""
+    """Student (or EMA) parameters of one checkpoint, with the UNet module they run in and their record."""
 
     params: Any
     unet: UNet2DConditionModel
     step: int
     ema: bool
-    t: int  # the one timestep the student is called at
-    teacher_root: str
+    record: StudentRecord
+    teacher_root: str  # the teacher's local folder, resolved from the record
     meta: dict
 
 
@@ -51,11 +120,16 @@ def load_trained_student(workdir: str, step: Optional[int] = None, ema: bool = T
     if not os.path.isdir(workdir):
         raise CheckpointError(f"{workdir}: no such folder; pass a training workdir")
     params, meta, step = load_student(workdir, step, ema)
-    teacher_root = meta.get("teacher_root")
-    if not teacher_root or not os.path.isdir(os.path.join(teacher_root, "unet")):
-        raise PipelineError(f"{workdir}: the teacher folder recorded in its checkpoint ({teacher_root}) is gone; "
-                            "the VAE, text encoder and tokenizer are read from it")
+    where = f"{workdir} step {step}"
+    record = StudentRecord.from_meta(meta, where)
+    teacher_root = resolve_teacher(record.teacher, workdir)
+    from .schedule import NoiseSchedule
+
+    teacher_prediction = NoiseSchedule.from_folder(teacher_root).prediction_type
+    if teacher_prediction != record.prediction_type:
+        raise CheckpointError(f"{where}: trained with a {record.prediction_type} teacher, but the teacher found at "
+                              f"{teacher_root} predicts {teacher_prediction}; point it at the original teacher")
     config = UNetConfig.from_diffusers(read_config(os.path.join(teacher_root, "unet")))
-    _check_shapes(params, config, f"{workdir} step {step}")
-    return TrainedStudent(params=params, unet=UNet2DConditionModel(config), step=step, ema=ema,
-                          t=int(meta["student_t"]), teacher_root=teacher_root, meta=meta)
+    _check_shapes(params, config, where)
+    return TrainedStudent(params=params, unet=UNet2DConditionModel(config), step=step, ema=ema, record=record,
+                          teacher_root=teacher_root, meta=meta)

@@ -5,8 +5,11 @@
 A linear loop: set up the mesh, load the frozen teacher, build (or restore)
 the train state, then step, log, sample and checkpoint. It resumes from the
 newest intact checkpoint in the workdir (a damaged one is moved to
-``corrupt_checkpoints/``), and SIGTERM/SIGINT save and exit. Every input is
-checked before anything is compiled; a bad one is a one-line ``error:``.
+``corrupt_checkpoints/``) at the step its state holds. Before the loop,
+SIGTERM/SIGINT end the program at once (nothing is half-written then: a
+checkpoint only ever appears complete); in the loop they save and exit. Every
+input is checked before anything is compiled; a bad one is a one-line
+``error:``.
 """
 
 import logging as std_logging
@@ -25,9 +28,10 @@ from . import checkpoint as ckpt
 from . import data, sharding
 from . import distributed
 from .errors import TrainingDiverged, exit_on_user_error, parse_flags_or_exit
-from .generate import decode_to_pixels, image_grid, to_uint8
+from .generate import image_grid, one_step_images, to_uint8
 from .lora import init_lora, lora_scale
 from .pipeline import load_pipeline
+from .student import record_for_run
 from .vsd import VSD, Frozen, VSDConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -35,12 +39,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, samples and 
 distributed.define_flags()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class _StopRequest:
-    """Set by SIGTERM/SIGINT (e.g. preemption); the loop saves and exits at the next step boundary."""
+    """Set by SIGTERM/SIGINT (e.g. preemption) once the loop runs; the loop saves and exits at the next step
+    boundary. Until then the signals keep their default action, which ends the process at once, even inside
+    a compilation that a Python handler would only see when it returns."""
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+    def start(self) -> None:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
@@ -108,18 +121,25 @@ def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False
 
 
 def resume_or_start(config, vsd: VSD, student_params, mesh, mngr, stream, workdir):
-    """(state, its sharding, first step): the newest intact checkpoint, or a fresh state if there is none."""
+    """(state, its sharding, first step): the newest intact checkpoint, or a fresh state if there is none.
+
+    The first step is the one the state holds (it also drives the EMA and the learning rates); the
+    checkpoint's number and its prompt position must agree with it."""
     if not mngr.all_steps():
         state, state_sh = initial_state(config, vsd, student_params, mesh)
         return state, state_sh, 0
     target, state_sh = initial_state(config, vsd, student_params, mesh, abstract=True)
-    state, meta, step = ckpt.restore_newest_good(mngr, target, config, os.path.join(workdir, "corrupt_checkpoints"),
-                                                 log)
+    state, meta, saved_at = ckpt.restore_newest_good(mngr, target, config,
+                                                     os.path.join(workdir, "corrupt_checkpoints"), log)
+    start = int(sharding.host_local(state.step))
     try:
-        start = stream.check_resumable(meta["prompts"])
+        next_batch = stream.check_resumable(meta["prompts"])
     except ValueError as e:
-        raise ckpt.CheckpointError(f"checkpoint {step} in {workdir} cannot continue this run: {e}") from None
-    log(f"resumed from step {step}")
+        raise ckpt.CheckpointError(f"checkpoint {saved_at} in {workdir} cannot continue this run: {e}") from None
+    if not start == saved_at == next_batch:
+        raise ckpt.CheckpointError(f"checkpoint {saved_at} in {workdir} is inconsistent: its state is at step {start} "
+                                   f"and its prompt position at batch {next_batch}; restore the workdir from a backup")
+    log(f"resumed from step {start}")
     return state, state_sh, start
 
 
@@ -150,7 +170,7 @@ def main(argv):
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     distributed.initialize()
     is_main = jax.process_index() == 0
-    stop = _StopRequest()
+    stop = _StopRequest()  # before the loop: the signals' default action, an immediate end
     t_start = time.time()
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -184,14 +204,17 @@ def main(argv):
     writer = summary_writer(workdir) if is_main else None
     tokenized = data.Prefetcher((pipe.tokenize(b) for b in stream.batches(start)))
 
+    record = {"config": ckpt.config_record(config),
+              "student": record_for_run(config, vsd, teacher_source, workdir).as_dict()}
+
     def save(step):
         ckpt.ensure_space(mngr, state, step)
-        ckpt.save(mngr, step, state, {"prompts": stream.state(step), "fingerprint": ckpt.fingerprint(config),
-                                      "teacher_root": os.path.abspath(pipe.root), "student_t": vsd.student_t})
+        ckpt.save(mngr, step, state, {"prompts": stream.state(step), **record})
 
     t_first, images = None, 0
     step = start
     previous = None  # last step's metrics: read once the next step is queued, so the device never waits on us
+    stop.start()
     with tokenized, progress_bar(start, config.total_steps, is_main) as progress:
         while step < config.total_steps:
             ids = sharding.global_batch_array(next(tokenized), mesh)
@@ -269,9 +292,9 @@ class Sampler:
         self.cond = on_mesh(pipe.encode_text(prompts).astype(jnp.float32))
         self.z = on_mesh(jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape))
         self.vae_params = on_mesh(pipe.vae_params)
-        # vsd.student_x0 honours the config's parameterisation (the no-x0 ablation outputs x0 directly).
-        self.sample = jax.jit(lambda p, vp, z, c: decode_to_pixels(pipe.vae, vp, vsd.student_x0(p, z, c)),
-                              out_shardings=sharding.replicated(mesh))
+        images = one_step_images(vsd.student_unet, pipe.vae, vsd.schedule, vsd.student_t,
+                                 output_is_x0=not vsd.config.student_x0_parameterization)
+        self.sample = jax.jit(images, out_shardings=sharding.replicated(mesh))
         self.cols = min(len(prompts), 8)
 
     def compile(self, params) -> None:

@@ -18,6 +18,7 @@ import optax
 from flax import struct
 
 from . import schedule as sched
+from .generate import guided, one_step_x0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,28 +79,35 @@ def lr_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0):
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
     if warmup_steps:
         return optax.linear_schedule(0.0, lr, warmup_steps)
-    return lr
+    return lambda step: jnp.asarray(lr, jnp.float32)
+
+
+def scale_by_lr_at(schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiply updates by -schedule(step), ``step`` given to ``update`` by the caller: the train state's
+    step, the one counter that the loop, the checkpoints and the EMA read too. (optax's own schedules
+    count in the optimizer state, which a skipped update leaves behind.)"""
+
+    def update(updates, state, params=None, *, step, **extra_args):
+        del params, extra_args
+        lr = schedule(step)
+        return jax.tree_util.tree_map(lambda u: -lr * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(lr: float, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0,
-                   warmup_steps=0, decay_steps=0) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam (AdamW when weight decay is asked for)."""
-    schedule = lr_schedule(lr, warmup_steps, decay_steps)
-    parts = [optax.clip_by_global_norm(clip)] if clip else []
-    if weight_decay:
-        parts.append(optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay))
-    else:
-        parts.append(optax.adam(schedule, b1, b2, eps))
-    return optax.chain(*parts)
+                   warmup_steps=0, decay_steps=0) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping, Adam, decoupled weight decay (AdamW) and the learning rate at the train state's
+    step: ``tx.update(grads, opt_state, params, step=step)``.
 
-
-def cfg_output(unet: nn.Module, variables, x, t, cond, uncond, scale):
-    """net(x, t, empty) + scale * (net(x, t, c) - net(x, t, empty)), as one batched call."""
-    b = x.shape[0]
-    out = unet.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                     jnp.concatenate([jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), cond]))
-    out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
-    return out_uncond + scale * (out_cond - out_uncond)
+    Clipping and weight decay are identities when off, so the optimizer state has the same tree whatever
+    the settings: a run can change its learning-rate schedule, clipping or weight decay on resume."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
+        optax.scale_by_adam(b1, b2, eps),
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        scale_by_lr_at(lr_schedule(lr, warmup_steps, decay_steps)),
+    )
 
 
 def with_x0_std(means: dict) -> dict:
@@ -148,21 +156,18 @@ class VSD:
         )
 
     def student_x0(self, student_params, z, cond):
-        """The one-step generator: x0 from the student's prediction at t = T-1."""
-        t = jnp.full((z.shape[0],), self.student_t, jnp.int32)
-        out = self.student_unet.apply({"params": student_params}, z, t, cond).astype(jnp.float32)
-        if not self.config.student_x0_parameterization:
-            return out
-        return sched.to_x0(self.schedule, out, z, t)
+        """The one-step generator at t = T-1 (docs/method.md §3, step 1)."""
+        return one_step_x0(self.student_unet, student_params, z, cond, self.schedule, self.student_t,
+                           output_is_x0=not self.config.student_x0_parameterization)
 
     def vsd_gradient(self, teacher_params, lora_params, x0, cond, uncond, noise: Noise):
         """w(t) (e_teacher - e_lora) at x_t = a_t x0 + s_t eps, non-finite entries zeroed."""
         c, t = self.config, noise.t_vsd
         x_t = sched.add_noise(self.schedule, x0, noise.eps_vsd, t)
-        e_teacher = cfg_output(self.teacher_unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
+        e_teacher = guided(self.teacher_unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
         e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
         if c.use_lora_teacher:
-            e_lora = cfg_output(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
+            e_lora = guided(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
                                 x_t, t, cond, uncond, c.lora_guidance_scale)
             e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
         else:
@@ -226,9 +231,10 @@ class VSD:
 
     def apply_grads(self, state: TrainState, student_grads, lora_grads, metrics, rng) -> tuple:
         """Both optax chains and the EMA; the whole update is dropped if anything is non-finite."""
-        s_updates, student_opt = self.student_tx.update(student_grads, state.student_opt, state.student)
+        s_updates, student_opt = self.student_tx.update(student_grads, state.student_opt, state.student,
+                                                        step=state.step)
         student = optax.apply_updates(state.student, s_updates)
-        l_updates, lora_opt = self.lora_tx.update(lora_grads, state.lora_opt, state.lora)
+        l_updates, lora_opt = self.lora_tx.update(lora_grads, state.lora_opt, state.lora, step=state.step)
         lora = optax.apply_updates(state.lora, l_updates)
         norms = {"grad_norm_student": optax.global_norm(student_grads), "grad_norm_lora": optax.global_norm(lora_grads)}
         finite = jnp.all(jnp.isfinite(jnp.stack([metrics["loss_student"], metrics["loss_lora"],

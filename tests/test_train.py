@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,47 +35,95 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+REFERENCE = ["--config.total_steps=24", "--config.checkpoint_every=2", "--config.sample_every=8"]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """An uninterrupted 8-step run with checkpoints every 2 steps and sample grids."""
+    """An uninterrupted 24-step run with checkpoints every 2 steps and sample grids every 8."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    out = train(workdir, "--config.total_steps=8", "--config.checkpoint_every=2", "--config.sample_every=4")
+    out = train(workdir, *REFERENCE)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, out
 
 
+def checkpoint_steps(workdir):
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+
+
 def test_run_writes_checkpoints_events_and_samples(reference_run):
     workdir, out = reference_run
-    steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
-    assert steps == [4, 6, 8]  # keep_checkpoints = 3
+    assert checkpoint_steps(workdir) == [20, 22, 24]  # keep_checkpoints = 3
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
-    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000004.png", "step_0000008.png"]
-    assert "done: 8 steps (to step 8)" in out.stdout
+    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [f"step_{s:07d}.png" for s in (8, 16, 24)]
+    assert "done: 24 steps (to step 24)" in out.stdout
 
 
 def test_sigterm_then_resume_is_bitwise_identical(reference_run, tmp_path):
+    """SIGTERM in the loop saves and exits; the resumed run ends bitwise where the uninterrupted one did.
+
+    The interrupted run is asked for 1000 steps, so the signal certainly lands before its end; the resumed
+    run changes total_steps back to 24, which a resumed run may do."""
     workdir, _ = reference_run
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "swiftbrush_jax.train", *TINY, "--workdir", str(resumed),
-           "--config.total_steps=8", "--config.checkpoint_every=2", "--config.sample_every=4"]
+           "--config.total_steps=1000", "--config.checkpoint_every=2", "--config.sample_every=8"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
     while not os.path.isdir(resumed / "checkpoints" / "2") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    stopped = max(int(os.path.basename(p)) for p in glob.glob(str(resumed / "checkpoints" / "[0-9]*")))
-    if stopped < 8:
-        assert "SIGTERM received" in err
-    out = train(resumed, "--config.total_steps=8", "--config.checkpoint_every=2", "--config.sample_every=4")
+    stopped = checkpoint_steps(resumed)[-1]
+    assert "SIGTERM received" in err and f"saved step {stopped}" in err
+    assert 2 <= stopped < 24, stopped
+    out = train(resumed, *REFERENCE)
     assert out.returncode == 0, out.stderr[-3000:]
-    if stopped < 8:
-        assert f"resumed from step {stopped}" in out.stderr
-    want, got = final_state(str(workdir), 8), final_state(str(resumed), 8)
+    assert f"resumed from step {stopped}" in out.stderr
+    assert "changed settings: total_steps: 1000 -> 24" in out.stderr
+    want, got = final_state(str(workdir), 24), final_state(str(resumed), 24)
     for name in ("student", "ema", "lora", "student_opt", "lora_opt", "rng", "step"):
         for a, b in zip(leaves(want[name]), leaves(got[name])):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("override,key", [("--config.lora.rank=8", "lora.rank: 4 -> 8"),
+                                          ("--config.batch_size=8", "batch_size: 4 -> 8"),
+                                          ("--config.vsd.guidance_scale=2.0", "vsd.guidance_scale: 4.5 -> 2.0")])
+def test_a_changed_config_is_refused_not_moved(reference_run, tmp_path, override, key):
+    """A resume that changes what the state holds or how it is made is one error line naming the key;
+    the checkpoints stay where they are (they are not damaged)."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run[0], workdir)
+    out = train(workdir, *REFERENCE, "--config.total_steps=30", override, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint 24 in ") and key in last and "cannot change mid-run" in last, last
+    assert "total_steps" not in last.split("cannot change mid-run")[1].split(";")[0]  # allowed, not refused
+    assert checkpoint_steps(workdir) == [20, 22, 24] and not (workdir / "corrupt_checkpoints").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_loop_ends_the_run_at_once(tmp_path, sig):
+    """Before the first step (teacher loading, compilation) SIGINT/SIGTERM end the process at once by the
+    signal's default action (status 130/143 in a shell), and nothing is written."""
+    workdir = tmp_path / "w"
+    cmd = [sys.executable, "-m", "swiftbrush_jax.train", *TINY, "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the prompt source is read right after the handlers are set
+        seen.append(line)
+        if line.startswith("prompts:"):
+            break
+    assert seen and seen[-1].startswith("prompts:"), "".join(seen)[-3000:]
+    time.sleep(1.0)  # into the teacher loading or the compilation
+    sent = time.time()
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -sig, proc.returncode
+    assert time.time() - sent < 10  # the compilation alone takes longer
+    assert checkpoint_steps(workdir) == []
 
 
 def test_two_processes_match_one_process(tmp_path):

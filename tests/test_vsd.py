@@ -176,6 +176,123 @@ def test_full_update_matches_reference(setup, results):
         ref.set_lora_weights(loras, saved)
 
 
+VARIANTS = {  # name: (VSDConfig overrides, reference keyword arguments, teacher prediction type)
+    "lora_cfg_1": (dict(lora_guidance_scale=1.0), dict(lora_guidance=1.0), "epsilon"),
+    "sds_ablation": (dict(use_lora_teacher=False), dict(sds=True), "epsilon"),
+    "no_x0_ablation": (dict(student_x0_parameterization=False), dict(x0_parameterization=False), "epsilon"),
+    "v_prediction": ({}, dict(prediction_type="v_prediction"), "v_prediction"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_matches_reference(setup, variant):
+    """The LoRA teacher at its own guidance scale, both ablations of the paper and a v-prediction teacher:
+    losses and both gradients against the independent reference."""
+    s = setup
+    overrides, ref_kwargs, prediction_type = VARIANTS[variant]
+    schedule = NoiseSchedule.from_config({**SD21_SCHEDULER, "prediction_type": prediction_type})
+    vsd = dataclasses.replace(s["vsd"], schedule=schedule, config=dataclasses.replace(s["vsd"].config, **overrides))
+    i = s["inputs"]
+    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+        s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
+        jax_noise(i))
+    expected = ref.vsd_step_reference(s["student_pt"], s["teacher_pt"], s["lora_pt_unet"], i["cond"], i["uncond"],
+                                      i["z"], i["t_vsd"], i["eps_vsd"], i["t_lora"], i["eps_lora"], i["drop_mask"],
+                                      schedule.alphas_cumprod, **ref_kwargs)
+    np.testing.assert_allclose(float(metrics["loss_student"]), expected["loss_student"], rtol=2e-4)
+    np.testing.assert_allclose(float(metrics["loss_lora"]), expected["loss_lora"], rtol=2e-4)
+    got = params_to_state_dict(student_grads)
+    total = np.sqrt(sum(np.sum(v**2) for v in expected["student_grads"].values()))
+    assert total > 0
+    for name, want in expected["student_grads"].items():
+        assert np.linalg.norm(got[name] - want) <= 2e-3 * np.linalg.norm(want) + 1e-4 * total, name
+    for name, want in expected["lora_grads"].items():
+        assert rel(lora_to_flat(lora_grads)[name], want) <= 1e-3, name
+
+
+def test_draw_ranges_and_rates(setup):
+    """Timesteps cover exactly [t_min, t_max] and [lora_t_min, lora_t_max] uniformly; prompts drop at
+    uncond_prob, per sample; the noises are standard normal."""
+    vsd = dataclasses.replace(setup["vsd"], config=VSDConfig(t_min=20, t_max=980, uncond_prob=0.1))
+    n = 20_000
+    noise = jax.jit(vsd.draw, static_argnums=1)(jax.random.PRNGKey(0), n)
+    t_vsd, t_lora, drop = (np.asarray(x) for x in (noise.t_vsd, noise.t_lora, noise.drop))
+    assert t_vsd.min() == 20 and t_vsd.max() == 980 and t_lora.min() == 0 and t_lora.max() == 999
+    # Uniform: each decile of the range holds a tenth of the draws (binomial sd ~0.002).
+    for t, lo, hi in ((t_vsd, 20, 981), (t_lora, 0, 1000)):
+        counts = np.histogram(t, bins=10, range=(lo, hi))[0] / n
+        assert np.abs(counts - 0.1).max() < 0.012, counts
+    assert abs(drop.mean() - 0.1) < 0.01  # binomial sd 0.002
+    assert 0 < drop[:64].sum() < 64  # per sample, not one draw for the batch
+    for x in (noise.z, noise.eps_vsd, noise.eps_lora):
+        x = np.asarray(x)
+        assert x.shape == (n, HW, HW, 4) and abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
+    assert not np.array_equal(np.asarray(noise.eps_vsd), np.asarray(noise.eps_lora))
+
+
+def test_ema_decay_over_steps(setup):
+    """EMA_{k+1} = d_k EMA_k + (1 - d_k) student_{k+1}, d_k = min(0.9999, (1 + k) / (10 + k)), k = the state's
+    step; four updates from step 0 and one at a step where the cap holds."""
+    s = setup
+    vsd = s["vsd"]
+    leaf = lambda tree: np.asarray(jax.tree_util.tree_leaves(tree)[0], np.float64)
+    metrics = {"loss_student": jnp.float32(1), "loss_lora": jnp.float32(1)}
+    rng = np.random.RandomState(0)
+    for start in (0, 200_000):
+        state = vsd.init_state(jax.random.PRNGKey(0), s["student"], s["lora"]).replace(step=jnp.int32(start))
+        ema = leaf(state.ema)
+        for k in range(start, start + (4 if start == 0 else 1)):
+            grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), s["student"])
+            zero_lora = jax.tree_util.tree_map(jnp.zeros_like, s["lora"])
+            state, out = s["update_fn"](state, grads, zero_lora, metrics, state.rng)
+            decay = min(0.9999, (1 + k) / (10 + k))
+            np.testing.assert_allclose(float(out["ema_decay"]), decay, rtol=1e-6)
+            ema = decay * ema + (1 - decay) * leaf(state.student)
+            np.testing.assert_allclose(leaf(state.ema), ema, rtol=1e-5, atol=1e-7)
+            assert int(state.step) == k + 1
+
+
+def _torch_adamw(params0, grads, lrs, *, b1, b2, eps, weight_decay, clip):
+    """torch.optim.AdamW with global-norm clipping, the learning rate set by hand before each step."""
+    p = torch.nn.Parameter(torch.tensor(params0))
+    opt = torch.optim.AdamW([p], lr=lrs[0], betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+    for g, lr in zip(grads, lrs):
+        p.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_([p], clip)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+    return p.detach().numpy()
+
+
+def test_adamw_with_warmup_and_cosine_matches_torch():
+    """make_optimizer's AdamW, clipping and warm-up/cosine schedule against torch's AdamW fed the schedule
+    written out by hand; the learning rate follows the ``step`` it is given (the train state's)."""
+    import math
+
+    lr, warmup, decay_steps, n = 1e-2, 3, 8, 10
+    def schedule(k):  # linear from 0 over ``warmup`` steps, then cosine to 0 at ``decay_steps``
+        if k < warmup:
+            return lr * k / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * min(k - warmup, decay_steps - warmup) / (decay_steps - warmup)))
+
+    rng = np.random.RandomState(0)
+    params0 = rng.standard_normal(16).astype(np.float32)
+    grads = [rng.standard_normal(16).astype(np.float32) * 3 for _ in range(n)]
+    hyper = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.05, clip=1.0)
+    tx = make_optimizer(lr, warmup_steps=warmup, decay_steps=decay_steps, **hyper)
+    params, state = jnp.asarray(params0), tx.init(jnp.asarray(params0))
+    update = jax.jit(tx.update)
+    for k, g in enumerate(grads):
+        updates, state = update(jnp.asarray(g), state, params, step=jnp.int32(k))
+        params = params + updates
+    want = _torch_adamw(params0, grads, [schedule(k) for k in range(n)], **hyper)
+    np.testing.assert_allclose(np.asarray(params), want, rtol=1e-5, atol=1e-6)
+    # A step further on gives that step's rate: Adam's first update has size lr (signs of the gradient).
+    first, _ = update(jnp.asarray(grads[0]), tx.init(jnp.asarray(params0)), jnp.zeros(16), step=jnp.int32(5))
+    np.testing.assert_allclose(np.abs(np.asarray(first)), schedule(5), rtol=1e-4)
+
+
 def test_each_tree_gets_gradient_only_from_its_own_loss(setup, results):
     s = setup
     _, (m0, gs0, gl0) = results

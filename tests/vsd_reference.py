@@ -99,8 +99,13 @@ def _cfg(net, x, t, cond, uncond, guidance):
 
 
 def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, eps_vsd, t_lora, eps_lora,
-                       drop_mask, alphas_cumprod, *, guidance=4.5, student_t=999, prediction_type="epsilon"):
+                       drop_mask, alphas_cumprod, *, guidance=4.5, lora_guidance=None, student_t=999,
+                       prediction_type="epsilon", sds=False, x0_parameterization=True):
     """Losses and gradients of one SwiftBrush step, exactly as docs/method.md §3 writes them.
+
+    ``lora_guidance`` is the LoRA teacher's CFG scale (default: ``guidance``); the paper's ablations:
+    ``sds`` replaces the LoRA teacher's score by the injected noise, ``x0_parameterization=False`` takes
+    the student's output as its sample.
 
     Student gradients come from ``loss_student`` only, LoRA gradients from
     ``loss_lora`` only. Returns a dict with ``loss_student``, ``loss_lora``
@@ -120,7 +125,9 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
     a_T = abar[student_t].sqrt()
     s_T = (1 - abar[student_t]).sqrt()
     student_out = student(z, torch.full((batch,), student_t, dtype=torch.long), encoder_hidden_states=cond).sample
-    if v_pred:
+    if not x0_parameterization:
+        x0 = student_out
+    elif v_pred:
         x0 = a_T * z - s_T * student_out
     else:
         x0 = (z - s_T * student_out) / a_T
@@ -131,10 +138,12 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
     with torch.no_grad():
         x_t = a_t * x0 + s_t * eps_vsd
         e_teacher = _cfg(teacher, x_t, t_vsd, cond, uncond, guidance)
-        e_lora = _cfg(lora_teacher, x_t, t_vsd, cond, uncond, guidance)
+        e_lora = _cfg(lora_teacher, x_t, t_vsd, cond, uncond, guidance if lora_guidance is None else lora_guidance)
         if v_pred:
             e_teacher = a_t * e_teacher + s_t * x_t
             e_lora = a_t * e_lora + s_t * x_t
+        if sds:
+            e_lora = eps_vsd
         grad = s_t**2 * (e_teacher - e_lora)
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     loss_student = 0.5 * torch.mean((x0 - (x0 - grad).detach()) ** 2)
