@@ -348,3 +348,28 @@ def test_wrong_shape_captions_is_one_error_line(tmp_path):
 def test_other_wrong_captions_shapes_are_refused(tmp_path, content):
     with pytest.raises(UsageError, match="captions_val2014.json"):
         prompts.coco_captions(write_captions(tmp_path / "c.json", content))
+
+
+def test_hps_suite_scores_each_style(tmp_path, weights):
+    """--suite hps end to end: one image per prompt, HPSv2 = 100 x cosine, averaged per style."""
+    folder = tmp_path / "benchmark"
+    folder.mkdir()
+    for k, style in enumerate(prompts.HPS_STYLES):
+        (folder / f"{style}.json").write_text(json.dumps([f"a red {s}" for s in ("circle", "square", "triangle")][k % 3:]))
+    out = str(tmp_path / "hps")
+    argv = ["--suite", "hps", "--model", toy.teacher_path(), "--out", out, "--hps-prompts", str(folder),
+            "--num-images", "1", "--steps", "1", "--batch-size", "4", "--hps-weights", weights["clip_file"],
+            "--tokenizer", weights["tokenizer_dir"]]
+    vit_h = clip_models.VIT_H_14
+    clip_models.VIT_H_14 = weights["arch"]  # the real ViT-H-14 is too large for CI
+    try:
+        main(argv)
+    finally:
+        clip_models.VIT_H_14 = vit_h
+    record = json.load(open(os.path.join(out, "record.json")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert [r["prompt"] for r in rows] == ["a red circle", "a red square", "a red triangle", "a red circle"]
+    scorer = clip_models.load_clip(weights["arch"], weights["clip_file"], weights["tokenizer_dir"], "test")
+    direct = 100 * scorer.cosine([generation.read_image(out, r) for r in rows], [r["prompt"] for r in rows])
+    assert [record["hpsv2"][s] for s in prompts.HPS_STYLES] == pytest.approx(direct.tolist(), abs=1e-4)
+    assert record["hpsv2_mean"] == pytest.approx(direct.mean(), abs=1e-4)
