@@ -1,5 +1,6 @@
 """Turning user mistakes into one clear line and a non-zero exit, instead of a traceback."""
 
+import argparse
 import functools
 import sys
 
@@ -29,6 +30,20 @@ def user_error_types() -> tuple:
 
     return (CheckpointError, PromptSourceError, UnsupportedConfigError, PipelineError, ShardingError,
             WeightsError, UsageError, TrainingDiverged, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands: a bad flag is one ``error:`` line and status 2, as every other user
+    error; the usage is one ``--help`` away. The description and example come from the module docstring."""
+
+    def __init__(self, prog: str, doc: str, **kwargs):
+        head, example = doc.split("\n\n")[:2]
+        super().__init__(prog=prog, description=head, epilog="example:\n" + example,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def exit_on_user_error(main):

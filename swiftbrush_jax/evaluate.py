@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from . import metrics
-from .errors import exit_on_user_error
+from .errors import ArgumentParser, exit_on_user_error
 from .generate import ddim_images, one_step_images, to_uint8
 from .toy import shapes
 
@@ -125,9 +125,7 @@ def main(argv=None) -> None:
         return paper_eval.main(argv)
     from .sample import add_sampling_flags
 
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.evaluate", description=__doc__.split("\n\n")[0],
-                                     epilog="examples:\n" + __doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m swiftbrush_jax.evaluate", __doc__)
     parser.add_argument("--suite", choices=SUITES, required=True,
                         help="shapes: the laptop suite below; coco2014, hps: see swiftbrush_jax.paper_eval --help")
     parser.add_argument("--model", required=True, help="training workdir (student) or diffusers folder (teacher)")

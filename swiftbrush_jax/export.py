@@ -20,7 +20,7 @@ import tempfile
 from typing import Optional, Sequence
 
 from . import diffusers_io as dio
-from .errors import UsageError, exit_on_user_error
+from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .models.unet import unet_config_to_diffusers
 from .schedule import NoiseSchedule
 from .student import TrainedStudent, load_trained_student
@@ -132,8 +132,7 @@ def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.export", description=__doc__.split("\n\n")[0],
-                                     epilog="example:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m swiftbrush_jax.export", __doc__)
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import data
-from .errors import UsageError, exit_on_user_error
+from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, ddim_images, one_step_images, to_uint8
 from .pipeline import StableDiffusion, load_pipeline
 
@@ -165,8 +165,7 @@ class BatchedSampler:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.sample", description=__doc__.split("\n\n")[0],
-                                     epilog="example:\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m swiftbrush_jax.sample", __doc__)
     parser.add_argument("--model", required=True, help="training workdir, diffusers folder or Hub id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="more prompts: .txt (one a line), .jsonl, .csv or .parquet")

@@ -47,7 +47,14 @@ def test_teacher_ddim_draws_the_prompted_colour():
     assert result["color_accuracy"] >= MIN_TEACHER_COLOR_ACCURACY, result
 
 
-def test_short_distillation_writes_a_checkpoint(tmp_path):
+def test_short_distillation_trains_the_student(tmp_path, teacher):
+    """Two steps of configs/shapes.py: the checkpoint holds a student moved away from the teacher, an EMA
+    between them, a record that runs it, and its one-step samples differ from the teacher's."""
+    import jax
+
+    from swiftbrush_jax import sample
+    from swiftbrush_jax.checkpoint import read_on_one_device
+
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", os.path.join(REPO, "configs", "shapes.py"),
            "--workdir", str(workdir), "--config.total_steps=2", "--config.batch_size=2",
@@ -55,4 +62,21 @@ def test_short_distillation_writes_a_checkpoint(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (workdir / "checkpoints" / "2").is_dir()
+    state, meta = read_on_one_device(str(workdir / "checkpoints"), 2)
+    assert int(state["step"]) == 2 and int(state["skipped"]) == 0
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+    teacher_w, student_w, ema_w = (leaves(t) for t in (teacher.unet_params, state["student"], state["ema"]))
+    moved = sum(float(np.abs(s - t).sum()) for s, t in zip(student_w, teacher_w))
+    assert moved > 0
+    # The EMA after two updates (decays 1/10, then 2/11; docs/method.md §3) lies between teacher and student.
+    ema_moved = sum(float(np.abs(e - t).sum()) for e, t in zip(ema_w, teacher_w))
+    assert 0 < ema_moved < moved
+    assert meta["student"] == {"teacher": {"package": os.path.join("toy", "teacher")}, "t": 999,
+                               "output_is_x0": False, "prediction_type": "epsilon",
+                               "latent_size": teacher_arch.LATENT_PX}
+    assert meta["config"]["batch_size"] == 2 and meta["config"]["vsd.lora_guidance_scale"] == 1.0
+    noise = sample.seeded_noise([0], (teacher_arch.LATENT_PX, teacher_arch.LATENT_PX, 4))
+    student_images = sample.BatchedSampler(sample.load_sampling_model(str(workdir), ema=False), 1)(["a red circle"], noise)
+    teacher_images = sample.BatchedSampler(sample.load_sampling_model(teacher_path()), 1)(["a red circle"], noise)
+    assert student_images.shape == teacher_images.shape and np.isfinite(student_images).all()
+    assert np.abs(student_images - teacher_images).max() > 1 / 255
