@@ -23,7 +23,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import describe, format_table, hardware, write_json  # noqa: E402
@@ -102,7 +101,8 @@ def main():
         for name, folder in (("tiny", tiny.make_tiny_pipeline(os.path.join(tmp, "tiny"), seed=0)),
                              ("shapes", toy.teacher_path())):
             row = {"pipeline": name, **generation_rate(folder, args.batch, args.images)}
-            print(f"{name}: {row['images_per_s']:.1f} images/s ({row['image_px']} px, batch {row['batch']})", flush=True)
+            print(f"{name}: {row['images_per_s']:.1f} images/s ({row['image_px']} px, batch {row['batch']})",
+                  flush=True)
             rows.append(row)
 
     per_image = sd21_flops_per_image()
@@ -110,7 +110,8 @@ def main():
     teacher = per_image["text_encoder"] + 2 * TEACHER_STEPS * per_image["unet"] + per_image["vae_decode"]
     flops = {"per_image": per_image, "student_one_step_per_image": student,
              f"teacher_{TEACHER_STEPS}_steps_cfg_per_image": teacher,
-             "coco_30k_student": COCO_IMAGES * student, f"coco_30k_teacher_{TEACHER_STEPS}_steps": COCO_IMAGES * teacher}
+             "coco_30k_student": COCO_IMAGES * student,
+             f"coco_30k_teacher_{TEACHER_STEPS}_steps": COCO_IMAGES * teacher}
     hw = hardware()
     print(format_table(rows, ["pipeline", "image_px", "batch", "images_per_s", "first_batch_s"]))
     print(f"SD 2.1-base per image: text encoder {per_image['text_encoder'] / 1e9:.1f} GFLOP, UNet "

@@ -19,7 +19,6 @@ markdown table beside the papers' rows (SPEC §3, §7; protocol SPEC §8).
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -32,8 +31,9 @@ GENERATOR_FILE = "generator.json"  # which model, steps and guidance made the im
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.paper_eval", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.paper_eval",
+                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["coco2014", "hps"], help="the prompt set and its metrics")
     parser.add_argument("--table", nargs="+", metavar="RECORD", help="print these JSON records as a markdown table")
     parser.add_argument("--model", help="training workdir, diffusers folder or Hub id")
@@ -105,7 +105,8 @@ def suite_prompts(args: argparse.Namespace) -> List[Dict]:
     else:
         rows = prompts.hps_prompts(args.hps_prompts)
         if args.num_images:
-            rows = [r for style in prompts.HPS_STYLES for r in [r for r in rows if r["style"] == style][:args.num_images]]
+            by_style = {style: [r for r in rows if r["style"] == style] for style in prompts.HPS_STYLES}
+            rows = [r for style in prompts.HPS_STYLES for r in by_style[style][:args.num_images]]
     prompts.write_prompt_list(os.path.join(args.out, "prompts.jsonl"), rows)
     return rows
 
@@ -140,7 +141,8 @@ def score_coco(args: argparse.Namespace, rows: List[Dict]) -> Dict:
     paths = [os.path.join(args.out, row["file"]) for row in rows]
     mu, sigma = fid.statistics(fid.file_features(paths, inception, args.score_batch_size, args.workers,
                                                  "generated features"))
-    scorer = clip_models.load_clip(clip_models.VIT_G_14, args.clip_weights, args.tokenizer, "CLIP score (--clip-weights)")
+    scorer = clip_models.load_clip(clip_models.VIT_G_14, args.clip_weights, args.tokenizer,
+                                   "CLIP score (--clip-weights)")
     pairs = ((generation.read_image(args.out, row), row["prompt"]) for row in rows)
     return {"fid": fid.frechet_distance(mu, sigma, ref_mu, ref_sigma), "fid_reference_images": ref_count,
             "clip_score": clip_models.clip_score(scorer, pairs, args.score_batch_size)}
@@ -161,6 +163,13 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict]:
     """Generate what is missing, then score and write the record (None when this process only generates)."""
     import jax
 
+    from ..distributed import _cluster_detected
+
+    if _cluster_detected():  # a TPU pod, SLURM or MPI job: every process learns its index (and so its share)
+        if args.score_only:
+            raise UsageError("--score-only runs on one host: start it as a single process once every share "
+                             "is generated")
+        jax.distributed.initialize()
     rows = suite_prompts(args)
     texts = [row["prompt"] for row in rows]
     start = time.time()

@@ -153,7 +153,11 @@ def reference_statistics(folder: str, cache: str, extractor: InceptionFeatures, 
     """(mu, sigma, image count) of a reference folder, read from the .npz cache or computed and cached there."""
     if os.path.isfile(cache):
         with np.load(cache, allow_pickle=False) as stats:
-            return stats["mu"], stats["sigma"], int(stats["count"])
+            mu, sigma, count = stats["mu"], stats["sigma"], int(stats["count"])
+        if folder and len(image_files(folder, "FID reference (--coco-images)")) != count:
+            raise UsageError(f"--fid-stats {cache} holds the statistics of {count} images, but {folder} has another "
+                             "number; delete the cache or pass another --fid-stats")
+        return mu, sigma, count
     paths = image_files(folder, "FID reference (--coco-images)")
     mu, sigma = statistics(file_features(paths, extractor, batch_size, workers, "reference features"))
     os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)

@@ -10,6 +10,7 @@ for it, so a sample never holds two captions of one image. The HPS benchmark
 
 import json
 import os
+import socket
 from collections import defaultdict
 from typing import Dict, List
 
@@ -92,6 +93,7 @@ def write_prompt_list(path: str, rows: List[Dict]) -> None:
                                  "use another --out folder")
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".partial", "w", encoding="utf-8") as f:
+    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.partial"  # pod processes write the same list at once
+    with open(partial, "w", encoding="utf-8") as f:
         f.writelines(lines)
-    os.replace(path + ".partial", path)
+    os.replace(partial, path)

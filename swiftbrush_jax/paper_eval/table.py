@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 from typing import Dict, List, Sequence
 
 from ..errors import UsageError
@@ -28,10 +29,13 @@ PAPER_ROWS = (
 
 
 def write_record(path: str, record: Dict) -> None:
+    """JSON written under a name of this process's own, then renamed: pod processes may write the same file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(partial, path)
 
 
 def read_records(paths: Sequence[str]) -> List[Dict]:
