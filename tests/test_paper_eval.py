@@ -208,7 +208,7 @@ def test_fid_of_generated_images(generated, weights):
     module = torch.jit.load(weights["inception"])
     by_hand = []
     for path in paths:
-        pixels = np.asarray(Image.open(path).convert("RGB"))  # 64 px: upscaled to 256 by Lanczos, then clean 299
+        pixels = np.asarray(Image.open(path).convert("RGB"))  # small images: Lanczos to 256, then clean 299
         big = np.asarray(Image.fromarray(pixels).resize((256, 256), Image.LANCZOS))
         chans = [np.asarray(Image.fromarray(big[..., c].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC))
                  for c in range(3)]

@@ -25,7 +25,6 @@ from ..errors import UsageError
 INCEPTION_FILE = "inception-2015-12-05.pt"
 PAPER_SIZE = 256  # images are brought to 256 px before clean-fid's own resize (SPEC §8)
 INCEPTION_SIZE = 299
-FEATURES = 2048  # the real Inception's pool features; a smaller stand-in (tests) is taken at its own width
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -76,7 +75,7 @@ class InceptionFeatures:
         self.layers = module.layers.to(self.device)
 
     def __call__(self, batch) -> np.ndarray:
-        """(n, 3, 299, 299) float tensor in [0, 255] -> (n, 2048) float32 features."""
+        """(n, 3, 299, 299) float tensor in [0, 255] -> (n, 2048) float32 pool features."""
         import torch
 
         with torch.no_grad():
