@@ -376,3 +376,43 @@ def test_hps_suite_scores_each_style(tmp_path, weights):
     direct = 100 * scorer.cosine([generation.read_image(out, r) for r in rows], [r["prompt"] for r in rows])
     assert [record["hpsv2"][s] for s in prompts.HPS_STYLES] == pytest.approx(direct.tolist(), abs=1e-4)
     assert record["hpsv2_mean"] == pytest.approx(direct.mean(), abs=1e-4)
+
+
+def test_conversion_matches_openclip(tmp_path):
+    """Where OpenCLIP is installed (it needs torchvision): its own CLIP model with random weights, every tensor
+    perturbed, and ours after renaming give the same cosines through the same preprocessing."""
+    pytest.importorskip("open_clip")
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from safetensors.torch import save_file
+
+    from swiftbrush_jax.diffusers_io import write_clip_tokenizer
+    from swiftbrush_jax.pipeline import load_tokenizer
+
+    texts = ["a red circle", "a blue square on a table", "a green triangle"]
+    # Specials last: end-of-text is the largest id, as in OpenCLIP's vocabulary, whose text pooling is an argmax.
+    vocab = write_clip_tokenizer(str(tmp_path / "tokenizer"), texts)
+    torch.manual_seed(0)
+    vision, text = SMALL_VIT["vision"], SMALL_VIT["text"]
+    openclip = CLIP(embed_dim=SMALL_VIT["projection_dim"],
+                    vision_cfg=CLIPVisionCfg(layers=vision["num_hidden_layers"], width=vision["hidden_size"],
+                                             head_width=vision["hidden_size"] // vision["num_attention_heads"],
+                                             patch_size=vision["patch_size"], image_size=vision["image_size"],
+                                             mlp_ratio=vision["intermediate_size"] / vision["hidden_size"]),
+                    text_cfg=CLIPTextCfg(context_length=77, vocab_size=vocab, width=text["hidden_size"],
+                                         heads=text["num_attention_heads"], layers=text["num_hidden_layers"],
+                                         mlp_ratio=text["intermediate_size"] / text["hidden_size"])).eval()
+    with torch.no_grad():  # LayerNorms of ones and biases of zeros would hide a mix-up
+        for p in openclip.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in openclip.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    arch = dict(SMALL_VIT, text=dict(text, vocab_size=vocab))
+    scorer = clip_models.load_clip(arch, str(tmp_path / "vit.safetensors"), str(tmp_path / "tokenizer"), "test")
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (300, 260, 3), dtype=np.uint8) for _ in texts]
+    ids = load_tokenizer(str(tmp_path / "tokenizer"))(texts, padding="max_length", max_length=77, truncation=True,
+                                                      return_tensors="pt").input_ids
+    with torch.no_grad():
+        image_emb = openclip.encode_image(torch.from_numpy(clip_models.preprocess(images, 224)), normalize=True)
+        text_emb = openclip.encode_text(ids, normalize=True)
+    np.testing.assert_allclose(scorer.cosine(images, texts), (image_emb * text_emb).sum(-1).numpy(), atol=1e-6)
