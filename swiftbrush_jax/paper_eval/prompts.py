@@ -89,8 +89,8 @@ def write_prompt_list(path: str, rows: List[Dict]) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if f.readlines() != lines:
-                raise UsageError(f"{path} holds another prompt set (other captions file, --num-images or seed); "
-                                 "use another --out folder")
+                raise UsageError(f"{path} holds another prompt set (another captions or prompts file, --num-images or "
+                                 "--sample-seed); use another --out folder")
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = f"{path}.{socket.gethostname()}.{os.getpid()}.partial"  # pod processes write the same list at once
