@@ -416,3 +416,11 @@ def test_conversion_matches_openclip(tmp_path):
         image_emb = openclip.encode_image(torch.from_numpy(clip_models.preprocess(images, 224)), normalize=True)
         text_emb = openclip.encode_text(ids, normalize=True)
     np.testing.assert_allclose(scorer.cosine(images, texts), (image_emb * text_emb).sum(-1).numpy(), atol=1e-6)
+
+
+def test_a_folder_of_another_prompt_set_is_refused(tmp_path):
+    path = str(tmp_path / "prompts.jsonl")
+    prompts.write_prompt_list(path, [{"prompt": "a red circle"}])
+    prompts.write_prompt_list(path, [{"prompt": "a red circle"}])  # the same set: accepted
+    with pytest.raises(UsageError, match="another prompt set"):
+        prompts.write_prompt_list(path, [{"prompt": "a blue square"}])
