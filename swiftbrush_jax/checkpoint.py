@@ -16,7 +16,6 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 from typing import Callable, Optional
 
 import jax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from . import distributed
+from . import distributed, storage
 
 # Config keys a resumed run may change: they steer the loop, logging, memory use and the learning-rate
 # schedule, not what the state holds or how it was made. The prompt source may be renamed or moved: the
@@ -81,7 +80,12 @@ def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointM
     by ``max_to_keep`` after a newer one has been committed."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
+
+
+def checkpoints_dir(workdir: str) -> str:
+    """The workdir's ``checkpoints`` folder: a local one made absolute, a URL (``gs://...``) as given."""
+    return os.fspath(storage.path(workdir) / "checkpoints")
 
 
 def first_line(error: Exception) -> str:
@@ -112,11 +116,11 @@ def ensure_space(mngr: ocp.CheckpointManager, state, step: int) -> None:
     leaves the earlier checkpoints intact too, but fails deep in orbax's threads, with pages of tracebacks."""
     finish(mngr)  # the previous write, and the deletions that follow it, change the free space
     directory = str(mngr.directory)
-    if not os.path.isdir(directory):  # remote storage (gs://...) has no free-space figure
+    free = storage.free_bytes(directory)
+    if free is None:  # an object store has no free-space figure
         return
     need = sum(shard.data.nbytes for x in jax.tree_util.tree_leaves(state)
                for shard in x.addressable_shards if shard.replica_id == 0)
-    free = shutil.disk_usage(directory).free
     if need + need // 20 + 2**20 > free:
         raise CheckpointWriteError(f"could not write checkpoint {step} to {directory} (it needs about "
                                    f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free); {_intact(mngr)}")
@@ -259,15 +263,17 @@ def _on_every_process(ok: bool) -> bool:
 
 def move_aside(mngr: ocp.CheckpointManager, step: int, aside: str) -> str:
     """Move checkpoint ``step`` out of the manager's reach (so neither a new save of that step nor
-    ``max_to_keep`` touches it) into a fresh ``aside/<step>[.n]``; returns where it went."""
-    dest = os.path.join(aside, str(step))
+    ``max_to_keep`` touches it) into a fresh ``aside/<step>[.n]``; returns where it went.
+
+    On an object store the move is a copy then a deletion: a run killed in between leaves the checkpoint
+    in both places, and the next run finds it damaged again and moves it to the next free ``.n``."""
+    dest = storage.join(aside, str(step))
     n = 0
-    while os.path.exists(dest):
+    while storage.exists(dest):
         n += 1
-        dest = os.path.join(aside, f"{step}.{n}")
+        dest = storage.join(aside, f"{step}.{n}")
     if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
+        storage.move_tree(storage.join(str(mngr.directory), str(step)), dest)
     distributed.barrier(f"checkpoint {step} moved aside")
     mngr.reload()
     return dest
@@ -279,7 +285,8 @@ def read_on_one_device(directory: str, step: int) -> tuple:
     The target comes from the checkpoint's own metadata, so a checkpoint written
     by any mesh or number of processes (a pod run) reads back on one machine.
     """
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    mngr = ocp.CheckpointManager(storage.path(directory),
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True),
                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                 "meta": ocp.JsonCheckpointHandler()})
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -292,8 +299,8 @@ def read_on_one_device(directory: str, step: int) -> tuple:
 
 def load_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> tuple:
     """(student or EMA params, meta, step) from a training workdir, on this process's first device."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = checkpoints_dir(workdir)
+    if not storage.isdir(directory):
         raise CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training workdir?")
     steps = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)
                                   ).all_steps()

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import storage
+
 SUPPORTED_SOURCES = ".txt, .jsonl, .json (JSON lines), .csv, .parquet or tfds:<name>[/<config>]:<split>:<feature path>"
 TFDS_PREFIX = "tfds:"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -110,8 +112,7 @@ def _missing_column(source: str, column: str, available: Iterable[str]) -> Promp
 
 def _read_lines(path: str, keepends: bool = False) -> list[bytes]:
     """The file's lines as undecoded bytes, a leading UTF-8 byte-order mark removed."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     if data.startswith(UTF8_BOM):
         data = data[len(UTF8_BOM):]
     return data.splitlines(keepends=keepends)
@@ -181,13 +182,15 @@ def _read_parquet(path: str, column: str, collector: _PromptCollector) -> None:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        with storage.open_file(path) as f:
+            schema = pq.read_schema(f)
     except (pa.ArrowException, OSError) as err:
         raise PromptSourceError(f"{path}: not a readable Parquet file ({err}); check the file or its extension") from None
     if column not in schema.names:
         raise _missing_column(path, column, schema.names)
     column_type = schema.field(column).type
-    values = pq.read_table(path, columns=[column]).column(column)
+    with storage.open_file(path) as f:
+        values = pq.read_table(f, columns=[column]).column(column)
     if pa.types.is_string(column_type) or pa.types.is_large_string(column_type):
         for text in values.to_pylist():
             collector.add_text(text)
@@ -298,7 +301,7 @@ def load_prompts(source: str, column: str = "text") -> tuple[list[str], PromptSt
             raise PromptSourceError(
                 f"{source}: unknown prompt file extension {extension or '(none)'!r}; use {SUPPORTED_SOURCES}"
             )
-        if not os.path.isfile(source):
+        if not storage.isfile(source):
             raise PromptSourceError(f"{source}: no such prompt file; check the path (sources: {SUPPORTED_SOURCES})")
         if extension == ".txt":
             _read_txt(source, collector)

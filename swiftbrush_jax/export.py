@@ -7,19 +7,23 @@
 teacher; the DDIM scheduler config makes ``num_inference_steps=1`` call the
 UNet once at the student's timestep and return its predicted x0 unchanged, so
 ``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` reproduces
-``swiftbrush_jax.sample``. Everything is written to a temporary sibling folder
-renamed to ``--out`` at the end: a failed export leaves no partial ``--out``.
+``swiftbrush_jax.sample``. ``--workdir`` and ``--out`` may be local folders or
+URLs such as ``gs://bucket/dir`` (``swiftbrush_jax.storage``). Everything is
+written to a temporary local folder first (``storage.atomic_dir``): a local
+``--out`` is that folder renamed, so a failed export leaves no partial
+``--out``; on a bucket, which cannot rename, ``model_index.json`` is uploaded
+after every other file, so a folder without it is an unfinished export, and
+diffusers will not load it.
 """
 
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 from . import diffusers_io as dio
+from . import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .models.unet import unet_config_to_diffusers
 from .schedule import NoiseSchedule
@@ -93,9 +97,9 @@ call, and the teacher's classifier-free guidance is already distilled into it.
 
 
 def prepare_out(out: str) -> str:
-    """The absolute ``--out``; refuse one that already holds something."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    """The absolute ``--out`` (a URL as given); refuse one that already holds something."""
+    out = os.fspath(storage.path(out))
+    if storage.isfile(out) or (storage.isdir(out) and storage.listdir(out)):
         raise UsageError(f"--out {out} already exists and is not empty; pick a new folder or remove it")
     return out
 
@@ -112,29 +116,20 @@ def write_pipeline(student: TrainedStudent, scheduler_config: dict, folder: str)
 
 
 def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True) -> str:
-    """Write the pipeline folder ``out`` from a workdir's checkpoint; returns its absolute path."""
+    """Write the pipeline folder ``out`` (local or a URL) from a workdir's checkpoint; returns its absolute path."""
     out = prepare_out(out)
     student = load_trained_student(workdir, step, ema)
     scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(student.teacher_root), student.record.t,
                                                  student.record.output_is_x0)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
-        write_pipeline(student, scheduler_config, tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked above; rename cannot replace it otherwise
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with storage.atomic_dir(out, written_last="model_index.json") as folder:
+        write_pipeline(student, scheduler_config, folder)
     return out
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = ArgumentParser("python -m swiftbrush_jax.export", __doc__)
-    parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
-    parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline")
+    parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/ (a local folder or a URL such as gs://bucket/run)")
+    parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline (local or a URL)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw student instead of its EMA")
     return parser.parse_args(argv)

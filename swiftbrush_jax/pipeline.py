@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import storage
+
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 HUB_PATTERNS = [
     "model_index.json",
@@ -33,7 +35,14 @@ class PipelineError(ValueError):
 
 
 def resolve(source: str) -> str:
-    """A local folder as is, otherwise a Hub repo id downloaded (or found in the offline cache)."""
+    """A local folder as is; a folder URL (``gs://...``) copied once to a local cache (``storage.local_copy``);
+    otherwise a Hub repo id downloaded (or found in the offline cache)."""
+    if storage.is_remote(source):
+        try:
+            return storage.local_copy(source, complete_marker="model_index.json")
+        except OSError as e:  # missing, unreachable or not completely written
+            raise PipelineError(f"{source}: could not copy the pipeline folder to the local cache "
+                                f"{storage.cache_root()} ({e})") from None
     if os.path.isdir(source):
         return source
     if source.count("/") != 1 or source.startswith((".", "/")):

@@ -18,6 +18,7 @@ and a rerun reproduces each file. Batches are split over all local devices.
 
 import argparse
 import dataclasses
+import io
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import data
+from . import data, storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, ddim_images, one_step_images, to_uint8
 from .pipeline import StableDiffusion, load_pipeline
@@ -47,7 +48,7 @@ class SamplingModel:
 
 
 def is_workdir(source: str) -> bool:
-    return os.path.isdir(os.path.join(source, "checkpoints"))
+    return storage.isdir(storage.join(source, "checkpoints"))
 
 
 def load_sampling_model(source: str, step: Optional[int] = None, ema: bool = True) -> SamplingModel:
@@ -224,10 +225,12 @@ def main(argv: Sequence[str]) -> None:
 
     from PIL import Image
 
-    os.makedirs(args.out, exist_ok=True)
+    storage.makedirs(args.out)
     count = 0
     for p, k, image in sampler.images(prompts, noise):
-        Image.fromarray(to_uint8(image)).save(os.path.join(args.out, f"prompt{p:05d}_{names[k]}.png"))
+        encoded = io.BytesIO()
+        Image.fromarray(to_uint8(image)).save(encoded, format="PNG")
+        storage.write_bytes(storage.join(args.out, f"prompt{p:05d}_{names[k]}.png"), encoded.getvalue())
         count += 1
     how = "1 step" if steps == 1 else f"{steps} DDIM steps, guidance {guidance:g}"
     print(f"wrote {count} images ({how}, {model.description}) to {args.out}", flush=True)

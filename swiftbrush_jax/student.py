@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 from flax import traverse_util
 
+from . import storage
 from .checkpoint import CheckpointError, load_student
 from .models import read_config
 from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
@@ -117,7 +118,7 @@ def _check_shapes(params, config: UNetConfig, where: str) -> None:
 
 def load_trained_student(workdir: str, step: Optional[int] = None, ema: bool = True) -> TrainedStudent:
     """The newest (or ``step``) checkpoint's EMA (or raw) student, checked against its teacher."""
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise CheckpointError(f"{workdir}: no such folder; pass a training workdir")
     params, meta, step = load_student(workdir, step, ema)
     where = f"{workdir} step {step}"

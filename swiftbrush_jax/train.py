@@ -12,8 +12,8 @@ input is checked before anything is compiled; a bad one is a one-line
 ``error:``.
 """
 
+import io
 import logging as std_logging
-import os
 import signal
 import sys
 import time
@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from . import checkpoint as ckpt
-from . import data, sharding
+from . import data, sharding, storage
 from . import distributed
 from .errors import TrainingDiverged, exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, one_step_images, to_uint8
@@ -130,7 +130,7 @@ def resume_or_start(config, vsd: VSD, student_params, mesh, mngr, stream, workdi
         return state, state_sh, 0
     target, state_sh = initial_state(config, vsd, student_params, mesh, abstract=True)
     state, meta, saved_at = ckpt.restore_newest_good(mngr, target, config,
-                                                     os.path.join(workdir, "corrupt_checkpoints"), log)
+                                                     storage.join(workdir, "corrupt_checkpoints"), log)
     start = int(sharding.host_local(state.step))
     try:
         next_batch = stream.check_resumable(meta["prompts"])
@@ -183,9 +183,11 @@ def main(argv):
     if config.get("make_tiny_teacher"):
         from .tiny import make_tiny_pipeline
 
-        teacher_source = os.path.join(workdir, "tiny_teacher")
-        if is_main:  # one writer; the others wait for it
-            make_tiny_pipeline(teacher_source, seed=0)
+        teacher_source = storage.join(workdir, "tiny_teacher")
+        # One writer, the others wait for it; made locally, published whole (model_index.json last).
+        if is_main and not storage.exists(storage.join(teacher_source, "model_index.json")):
+            with storage.atomic_dir(teacher_source, written_last="model_index.json") as folder:
+                make_tiny_pipeline(folder, seed=0)
         distributed.barrier("tiny_teacher")
     pipe = load_pipeline(teacher_source)
     student_params = pipe.unet_params
@@ -301,7 +303,7 @@ class Sampler:
         self.sample = self.sample.lower(params, self.vae_params, self.z, self.cond).compile()
 
     def write(self, state, step, workdir, writer):
-        out_dir = os.path.join(workdir, "samples")
+        png = storage.join(workdir, "samples", f"step_{step:07d}.png")
         rows = []
         for name, params in (("student", state.student), ("ema", state.ema)):
             images = to_uint8(sharding.host_local(self.sample(params, self.vae_params, self.z, self.cond)))
@@ -311,16 +313,15 @@ class Sampler:
         grid = np.concatenate(rows, axis=0)
         from PIL import Image
 
-        os.makedirs(out_dir, exist_ok=True)
-        Image.fromarray(grid).save(os.path.join(out_dir, f"step_{step:07d}.png"))
+        encoded = io.BytesIO()
+        Image.fromarray(grid).save(encoded, format="PNG")
+        storage.write_bytes(png, encoded.getvalue())
         if writer is not None:
             writer.add_image("samples/student_then_ema", grid, step, dataformats="HWC")
 
 
 def summary_writer(workdir):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    return storage.summary_writer(storage.join(workdir, "tensorboard"))
 
 
 class progress_bar:
