@@ -3,7 +3,8 @@
 #
 #   launch/tpu_pod.sh <tpu-name> <zone> <workdir> [--config.key=value ...]
 #
-# The workdir must be shared by all workers (a gs:// bucket path; orbax writes to GCS directly).
+# The workdir must be shared by all workers: a gs:// bucket path (orbax writes checkpoints there directly,
+# everything else goes through swiftbrush_jax.storage); the VM's service account is the credential.
 # jax.distributed.initialize() finds the pod's workers by itself (TPU_WORKER_HOSTNAMES).
 set -euo pipefail
 if [ $# -lt 3 ]; then
