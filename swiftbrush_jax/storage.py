@@ -45,6 +45,9 @@ def _point_at_emulator() -> None:
 
 
 _point_at_emulator()
+# epath would serve gs:// through tf.io.gfile wherever TensorFlow is installed (the tfds extra installs
+# it); gcsfs stays the one client, so its credentials and emulator settings are the ones that apply.
+os.environ.setdefault("EPATH_USE_TF", "false")
 # Orbax writes checkpoints through tensorstore, behind gcsfs's back: a cached listing would miss a new
 # checkpoint or still show one moved aside, so gcsfs lists afresh every time.
 fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
