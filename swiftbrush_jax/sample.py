@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import io
 import logging
-import os
 import sys
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -95,13 +94,13 @@ def latent_shape(model: SamplingModel) -> Tuple[int, int, int]:
 
 def read_latents(path: str, pipe: StableDiffusion) -> np.ndarray:
     """Initial noise from a .npy file in diffusers' (N, C, H/8, W/8) layout, returned NHWC float32."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise UsageError(f"--latents {path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise UsageError(f"--latents {path}: not a .npy file (write it with numpy.save)")
+    data = storage.read_bytes(path)
+    if not data.startswith(b"\x93NUMPY"):
+        raise UsageError(f"--latents {path}: not a .npy file (write it with numpy.save)")
     try:
-        latents = np.load(path, allow_pickle=False)
+        latents = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # pickled objects, a truncated file
         raise UsageError(f"--latents {path}: not a readable .npy array ({e})") from None
     channels = pipe.unet.config.in_channels
