@@ -138,15 +138,14 @@ def accelerator_matmuls(passes: str):
 
     A CPU computes float32 matmuls exactly and refuses the BF16/TF32 dot algorithms, so
     the rounding is emulated: operands rounded with ``lax.reduce_precision``, products
-    summed in float32. JAX's trace caches are cleared on entry and exit, so that no
-    cached jnp.dot trace bypasses (or keeps) the emulation.
+    summed in float32. jnp.dot and einsum cache their traces: ``measure`` clears JAX's
+    caches before and after a setting that emulates, so no cached trace bypasses (or keeps) it.
     """
     if not passes:
         yield
         return
     saved = [(importlib.import_module(module), attr) for module, attr in _BILINEAR_NAMES + _EINSUM_NAMES]
     saved = [(module, attr, getattr(module, attr)) for module, attr in saved]
-    jax.clear_caches()
     try:
         emulated_dot = _emulated(jax.lax.dot_general, passes)
         for module, attr, original in saved:
@@ -158,7 +157,6 @@ def accelerator_matmuls(passes: str):
     finally:
         for module, attr, original in saved:
             setattr(module, attr, original)
-        jax.clear_caches()
 
 
 def lora_dense(module: LoRADense, x, lora_dtype, lora_rows=None):
@@ -334,9 +332,12 @@ def step_outputs(problem: Problem, setting: Setting):
     """
     vsd = build_vsd(problem, setting)
     store = jnp.dtype(setting.teacher_params)
-    teacher = jax.tree_util.tree_map(lambda x: x.astype(store), problem.unet_params)
-    text = jax.tree_util.tree_map(lambda x: x.astype(store), problem.text_params) if problem.text_params else None
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x if x.dtype == store else x.astype(store), tree)
+    teacher = cast(problem.unet_params)
+    text = cast(problem.text_params) if problem.text_params else None
     student = problem.unet_params  # master weights stay float32 (the trainer's student copy)
+    if not problem.gradients:
+        return forward_outputs(problem, vsd, student, teacher)
 
     def run(student, teacher, text, lora, x0_ref):
         cond = problem.cond_f32 if text is None else vsd.text_encoder.apply({"params": text}, problem.token_ids)
@@ -359,6 +360,30 @@ def step_outputs(problem: Problem, setting: Setting):
     return lambda lora, x0_ref=None: compiled(student, teacher, text, lora, x0_ref)
 
 
+def forward_outputs(problem: Problem, vsd: VSD, student, teacher):
+    """``step_outputs`` without gradients or text encoder, as two programs: the student's x0 and the x0-gradient.
+
+    At full size one program holding every UNet call needs more compile memory than the
+    development machine spares; split, the x0-gradient program also serves the float32 x0.
+    """
+    cond = problem.cond_f32.astype(F32)
+    student_x0 = jax.jit(lambda params: vsd.student_x0(params, problem.noise.z, cond))
+    x0_gradient = jax.jit(lambda params, lora, x0: vsd.vsd_gradient(params, lora, x0, cond, problem.uncond,
+                                                                     problem.noise))
+    _, sigma = sched.alpha_sigma(vsd.schedule, problem.noise.t_vsd)
+
+    def run(lora, x0_ref=None):
+        x0 = student_x0(student)
+        x0_grad = x0_gradient(teacher, lora, x0)
+        out = {"loss_student": 0.5 * jnp.mean(x0_grad**2), "x0_grad": x0_grad,
+               "guided_difference": x0_grad / sigma**2, "x0": x0}
+        if x0_ref is not None:
+            out["guided_difference_at_f32_x0"] = x0_gradient(teacher, lora, x0_ref) / sigma**2
+        return out
+
+    return run
+
+
 # What is compared against float32, by output name; gradients only when the problem computes them.
 COMPARED = {"student_grad": "student_grads", "lora_grad": "lora_grads", "x0_grad": "x0_grad",
             "guided_difference": "guided_difference", "x0": "x0"}
@@ -372,6 +397,8 @@ def measure(problem: Problem, names, perturbations, log, on_setting) -> dict:
     for name in names:
         setting = SETTINGS[name]
         start = time.perf_counter()
+        if setting.matmul_passes:
+            jax.clear_caches()
         run = step_outputs(problem, setting)
         rows = {}
         for p in perturbations:
@@ -387,6 +414,8 @@ def measure(problem: Problem, names, perturbations, log, on_setting) -> dict:
             log(f"{name:42s} p={p:<6} {gradients}x0-grad cos {row['x0_grad']['cosine']:.4f} | "
                 f"diff cos {row['guided_difference']['cosine']:.4f} "
                 f"(at f32 x0 {row['guided_difference_at_f32_x0']['cosine']:.4f}) | loss x{row['loss_student_ratio']:.2f}")
+        if setting.matmul_passes:
+            jax.clear_caches()
         results[name] = {"setting": dataclasses.asdict(setting), "by_p": rows,
                          "seconds": round(time.perf_counter() - start, 1)}
         on_setting(results)
@@ -445,7 +474,7 @@ def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem
     unet_config = UNetConfig.from_diffusers(UNET)
     unet = UNet2DConditionModel(unet_config)
     k_init, k_lora, k_text, k_noise = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = jax.jit(unet.init, backend="cpu")(
+    params = jax.jit(unet.init)(
         k_init, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 1024)))["params"]
     teacher_unet = unet.clone(lora_scale=lora_scale(config.lora.rank, config.lora.alpha))
     vsd = VSD(student_unet=unet, teacher_unet=teacher_unet, text_encoder=None,
