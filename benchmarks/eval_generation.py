@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import describe, format_table, hardware, write_json  # noqa: E402
 
 COCO_IMAGES = 30_000
-TEACHER_STEPS = 25  # the SD 2.1 row of SwiftBrush's Table 1 (SPEC §3)
+TEACHER_STEPS = 25  # the SD 2.1 row of SwiftBrush's Table 1 (docs/method.md §7)
 
 
 def generation_rate(folder: str, batch_size: int, images: int) -> dict:

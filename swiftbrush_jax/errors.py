@@ -37,8 +37,8 @@ class ArgumentParser(argparse.ArgumentParser):
     error; the usage is one ``--help`` away. The description and example come from the module docstring."""
 
     def __init__(self, prog: str, doc: str, **kwargs):
-        head, example = doc.split("\n\n")[:2]
-        super().__init__(prog=prog, description=head, epilog="example:\n" + example,
+        head, rest = doc.split("\n\n", 1)
+        super().__init__(prog=prog, description=head, epilog="example:\n" + rest,
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
     def error(self, message):

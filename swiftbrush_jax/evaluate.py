@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     suite = argparse.ArgumentParser(add_help=False)
     suite.add_argument("--suite", choices=SUITES)
-    if suite.parse_known_args(argv)[0].suite in ("coco2014", "hps"):
+    if suite.parse_known_args(argv)[0].suite in ("coco2014", "hps") or "--table" in argv:
         from . import paper_eval
 
         return paper_eval.main(argv)

@@ -82,15 +82,22 @@ def model_configs(config) -> tuple:
 
 
 def abstract_pipeline(configs: dict):
-    """A StableDiffusion holding modules and schedule only, enough for ``train.build_vsd``."""
+    """A StableDiffusion whose weights are ShapeDtypeStructs (float32, as loaded): the trainer's set-up
+    functions run on it unchanged and place nothing."""
     from .models.clip import CLIPTextConfig, CLIPTextModel
-    from .models.unet import UNet2DConditionModel, UNetConfig
+    from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+    from .models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
     from .pipeline import StableDiffusion
     from .schedule import NoiseSchedule
 
+    unet_config = UNetConfig.from_diffusers(configs["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_transformers(configs["text_encoder"]))
+    ids = jax.ShapeDtypeStruct((1, text_encoder.config.max_position_embeddings), jnp.int32)
+    vae_config = VAEConfig.from_diffusers(configs["vae"])
     return StableDiffusion(
-        root="", unet=UNet2DConditionModel(UNetConfig.from_diffusers(configs["unet"])),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_transformers(configs["text_encoder"])),
+        root="", unet=UNet2DConditionModel(unet_config), unet_params=unet_param_shapes(unet_config),
+        text_encoder=text_encoder, text_params=jax.eval_shape(text_encoder.init, jax.random.PRNGKey(0), ids)["params"],
+        vae=AutoencoderKL(vae_config), vae_params=vae_param_shapes(vae_config),
         schedule=NoiseSchedule.from_config(configs["scheduler"]))
 
 
@@ -113,27 +120,27 @@ class AbstractStep:
 
 
 def abstract_step(config, pipe, mesh) -> AbstractStep:
-    """The trainer's state and frozen inputs as ShapeDtypeStructs laid out by the rule table, and its step."""
-    from . import checkpoint
-    from .models.unet import unet_param_shapes
-    from .vsd import Frozen
-
+    """The trainer's state and frozen inputs as ShapeDtypeStructs laid out by the rule table (the trainer's
+    own set-up functions on an abstract pipeline), and its step."""
     vsd = train.build_vsd(config, pipe)
-    student = unet_param_shapes(pipe.unet.config)  # float32 master weights, as the trainer loads them
-    state, state_sh = train.initial_state(config, vsd, student, mesh, abstract=True)
-
-    text_cfg = pipe.text_encoder.config
-    ids = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings), jnp.int32)
-    text = jax.eval_shape(pipe.text_encoder.init, jax.random.PRNGKey(0), ids)["params"]
-    teacher_dtype = train.dtype_of(config.teacher_dtype)
-    cast = lambda tree: jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, teacher_dtype), tree)
-    uncond = jax.ShapeDtypeStruct((1, text_cfg.max_position_embeddings, text_cfg.hidden_size), jnp.float32)
-    frozen = Frozen(teacher=cast(student), text=cast(text), uncond=uncond)
-    frozen_sh = sharding.tree_shardings(frozen, mesh)
-
+    state, state_sh = train.initial_state(config, vsd, pipe.unet_params, mesh, abstract=True)
+    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    return AbstractStep(step, state, checkpoint.abstract(frozen, frozen_sh), sharding.batch_sharding(mesh),
-                        text_cfg.max_position_embeddings)
+    return AbstractStep(step, state, frozen, sharding.batch_sharding(mesh),
+                        pipe.text_encoder.config.max_position_embeddings)
+
+
+def resident_bytes(config, pipe, step: AbstractStep) -> dict:
+    """Per device, what the trainer keeps there between steps: its state, the frozen inputs, and (when it
+    samples) the sampler's inputs, counted from the trainer's own set-up functions."""
+    out = {"state_bytes": sharding.bytes_per_device(step.state), "frozen_bytes": sharding.bytes_per_device(step.frozen),
+           "sampler_bytes": 0}
+    if config.sample_every:
+        vsd = train.build_vsd(config, pipe)
+        out["sampler_bytes"] = sharding.bytes_per_device(train.sampler_inputs(config, vsd, pipe,
+                                                                              step.batch_sharding.mesh))
+    out["resident_bytes"] = sum(out.values())
+    return out
 
 
 @dataclasses.dataclass
@@ -348,6 +355,7 @@ def main(argv):
                          f"use a multiple of {config.microbatches}")
     configs, source = model_configs(config)
     step = abstract_step(config, abstract_pipeline(configs), mesh)
+    resident = resident_bytes(config, abstract_pipeline(configs), step)
 
     rows: List[Measurement] = []
     refused: List[DoesNotFit] = []
@@ -383,6 +391,10 @@ def main(argv):
     for e in sorted(refused, key=lambda e: e.per_device_batch):
         print(e)
     print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
+    print(f"resident between steps, per device: {resident['resident_bytes'] / GIB:.3f} GiB (state "
+          f"{resident['state_bytes'] / GIB:.3f}, frozen teacher and text encoder {resident['frozen_bytes'] / GIB:.3f}, "
+          f"sampler inputs {resident['sampler_bytes'] / GIB:.3f}: the last is not among the step's arguments; "
+          "peak = total + sampler inputs)")
     print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
           f"batch of {per_device * devices}, {flops / devices / 1e12:.1f} TFLOP per device")
     if search is not None:
@@ -399,7 +411,7 @@ def main(argv):
             "student_compute_dtype": config.student_compute_dtype, "remat": config.remat,
             "lora_rank": config.lora.rank, "microbatches": config.microbatches, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
             "topology": _TOPOLOGY.value, "device_kind": kind, "jax": jax.__version__,
-            "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices,
+            "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices, **resident,
             "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],
             "does_not_fit": [e.as_dict() for e in sorted(refused, key=lambda e: e.per_device_batch)],
             "memory_gib": _MEMORY.value, "search": search.as_dict() if search else None, "note": note,

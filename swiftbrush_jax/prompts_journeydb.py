@@ -3,7 +3,7 @@
     python -m swiftbrush_jax.prompts_journeydb \\
         --annotations data/train_anno_realease_repath.jsonl.tgz --out prompts/journeydb.txt
 
-SwiftBrush trained on about 1.38M deduplicated JourneyDB prompts (SPEC §6: the
+SwiftBrush trained on about 1.38M deduplicated JourneyDB prompts (docs/method.md §4: the
 ``prompt`` field of the train annotations). JourneyDB ships its annotations as
 JSON lines (one object per image: ``img_path``, ``prompt``, ``Task1``, ...),
 plain or compressed. This command reads them, takes each record's ``prompt``,

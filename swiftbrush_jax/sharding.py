@@ -71,6 +71,24 @@ def tree_shardings(tree, mesh: Mesh, rules=FSDP_RULES, min_size=MIN_SHARD_SIZE):
     )
 
 
+def place(tree, shardings):
+    """``tree`` on the mesh in ``shardings``: host arrays are copied there, each device receiving only its
+    shard; ShapeDtypeStructs (planning) become ShapeDtypeStructs that carry the sharding."""
+    def one(x, s):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.device_put(x, s)
+
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def bytes_per_device(tree) -> int:
+    """The bytes one device holds of ``tree`` (placed arrays or ShapeDtypeStructs with shardings); the rule
+    table splits evenly, so every device of the mesh holds as many."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
 def shard_batch(x):
     """``x`` with its leading (batch) dimension split over the ambient mesh, as the batch itself is.
 

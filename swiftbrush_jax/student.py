@@ -27,36 +27,45 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _inside(path: str, folder: str) -> bool:
+    if storage.is_remote(path) or storage.is_remote(folder):
+        path, folder = str(storage.path(path)).rstrip("/"), str(storage.path(folder)).rstrip("/")
+        return path == folder or path.startswith(folder + "/")
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
+
+
+def _relative(path: str, folder: str) -> str:
+    if storage.is_remote(path):
+        return str(storage.path(path))[len(str(storage.path(folder)).rstrip("/")) + 1:]
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(folder))
 
 
 def teacher_reference(source: str, workdir: str) -> dict:
     """Where the teacher is, in a form that survives moving the workdir or the installed package.
 
-    A folder inside the workdir (the tiny smoke-test teacher) or inside this package (the shapes
-    teacher) is recorded relative to it; another local folder by its absolute path; anything else is a
-    Hub id, found again in the Hub or its offline cache."""
-    if os.path.isdir(source):
+    A folder inside the workdir (the tiny smoke-test teacher, also on a bucket) or inside this package (the
+    shapes teacher) is recorded relative to it; another local folder by its absolute path, a bucket
+    folder by its URL; anything else is a Hub id, found again in the Hub or its offline cache."""
+    if storage.isdir(source):
         if _inside(source, workdir):
-            return {"workdir": os.path.relpath(os.path.realpath(source), os.path.realpath(workdir))}
+            return {"workdir": _relative(source, workdir)}
         if _inside(source, PACKAGE_DIR):
-            return {"package": os.path.relpath(os.path.realpath(source), PACKAGE_DIR)}
-        return {"folder": os.path.abspath(source)}
+            return {"package": _relative(source, PACKAGE_DIR)}
+        return {"url": source} if storage.is_remote(source) else {"folder": os.path.abspath(source)}
     return {"hub": source}
 
 
 def resolve_teacher(reference: dict, workdir: str) -> str:
-    """The local folder of a recorded teacher (a Hub id is fetched or found in the offline cache)."""
+    """The local folder of a recorded teacher (a Hub id or a URL is fetched, or found in its local cache)."""
     (kind, where), = reference.items()
-    if kind == "hub":
+    if kind in ("hub", "url"):
         return resolve(where)
-    folder = {"workdir": lambda: os.path.join(workdir, where), "package": lambda: os.path.join(PACKAGE_DIR, where),
+    folder = {"workdir": lambda: storage.join(workdir, where), "package": lambda: os.path.join(PACKAGE_DIR, where),
               "folder": lambda: where}[kind]()
-    if not os.path.isdir(os.path.join(folder, "unet")):
+    if not storage.isdir(storage.join(folder, "unet")):
         raise PipelineError(f"{workdir}: its teacher ({kind} {where}) is not at {folder}; the VAE, text encoder "
                             "and tokenizer are read from it: put the teacher's diffusers folder back there")
-    return folder
+    return resolve(folder)
 
 
 @dataclasses.dataclass(frozen=True)

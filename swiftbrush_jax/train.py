@@ -12,11 +12,13 @@ input is checked before anything is compiled; a bad one is a one-line
 ``error:``.
 """
 
+import dataclasses
 import io
 import logging as std_logging
 import signal
 import sys
 import time
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,27 +99,61 @@ def build_vsd(config, pipe) -> VSD:
         latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches)
 
 
+def as_dtype(tree, dtype):
+    """Host arrays cast in host memory, or ShapeDtypeStructs (planning) given the dtype."""
+    cast = lambda x: (jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct)
+                      else np.asarray(x).astype(dtype))
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def text_embedding(pipe, prompts):
+    """``pipe.encode_text(prompts)`` in float32, or its ShapeDtypeStruct where the pipeline is abstract."""
+    if isinstance(jax.tree_util.tree_leaves(pipe.text_params)[0], jax.ShapeDtypeStruct):
+        config = pipe.text_encoder.config
+        return jax.ShapeDtypeStruct((len(prompts), config.max_position_embeddings, config.hidden_size), jnp.float32)
+    return np.asarray(pipe.encode_text(list(prompts)), np.float32)
+
+
 def frozen_inputs(config, pipe, mesh):
-    """Teacher UNet and text encoder weights in the teacher dtype, and the empty-prompt embedding, on the mesh."""
+    """Teacher UNet and text encoder weights in the teacher dtype, and the empty-prompt embedding, on the mesh
+    (cast in host memory, each device receiving its shard only), and their sharding."""
     teacher_dtype = dtype_of(config.teacher_dtype)
-    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), tree)
-    frozen = Frozen(teacher=cast(pipe.unet_params), text=cast(pipe.text_params),
-                    uncond=pipe.encode_text([""]).astype(jnp.float32))
+    frozen = Frozen(teacher=as_dtype(pipe.unet_params, teacher_dtype), text=as_dtype(pipe.text_params, teacher_dtype),
+                    uncond=text_embedding(pipe, [""]))
     frozen_sh = sharding.tree_shardings(frozen, mesh)
-    return jax.device_put(frozen, frozen_sh), frozen_sh
+    return sharding.place(frozen, frozen_sh), frozen_sh
 
 
 def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False):
-    """A fresh train state (student copy, EMA, LoRA, optimizer states) created directly in its sharding,
-    and that sharding. ``abstract`` gives ShapeDtypeStructs instead, as a restore target."""
+    """A fresh train state (student copy, EMA, LoRA, optimizer states) created directly in its sharding from
+    host (or abstract) student weights, and that sharding. ``abstract`` gives ShapeDtypeStructs instead, as a
+    restore target or a plan."""
     rng, lora_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     make_lora = lambda: init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
     shapes = jax.eval_shape(lambda p: vsd.init_state(rng, p, make_lora()), student_params)
     state_sh = sharding.tree_shardings(shapes, mesh)
-    if abstract:
+    if abstract or isinstance(jax.tree_util.tree_leaves(student_params)[0], jax.ShapeDtypeStruct):
         return ckpt.abstract(shapes, state_sh), state_sh
-    create = jax.jit(lambda p: vsd.init_state(rng, p, make_lora()), out_shardings=state_sh)
-    return create(student_params), state_sh
+    student = sharding.place(student_params, state_sh.student)
+    create = jax.jit(lambda p: vsd.init_state(rng, p, make_lora()), in_shardings=(state_sh.student,),
+                     out_shardings=state_sh)
+    return create(student), state_sh
+
+
+def sampler_inputs(config, vsd: VSD, pipe, mesh) -> dict:
+    """What the trainer's sampler keeps on the mesh: fixed noise and prompt embeddings (replicated) and the
+    VAE's weights in the sampler's dtype, the student's compute dtype (split by the rule table like the
+    teacher's). bfloat16 keeps float32's range, so the SD VAE decodes in it without overflow."""
+    prompts = list(config.validation_prompts)
+    replicated = sharding.replicated(mesh)
+    shape = (len(prompts),) + tuple(vsd.latent_shape)
+    z = (np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1), shape))
+         if not isinstance(jax.tree_util.tree_leaves(pipe.vae_params)[0], jax.ShapeDtypeStruct)
+         else jax.ShapeDtypeStruct(shape, jnp.float32))
+    inputs = {"z": z, "cond": text_embedding(pipe, prompts),
+              "vae": as_dtype(pipe.vae_params, dtype_of(config.student_compute_dtype))}
+    shardings = {"z": replicated, "cond": replicated, "vae": sharding.tree_shardings(inputs["vae"], mesh)}
+    return sharding.place(inputs, shardings)
 
 
 def resume_or_start(config, vsd: VSD, student_params, mesh, mngr, stream, workdir):
@@ -173,41 +209,15 @@ def main(argv):
     stop = _StopRequest()  # before the loop: the signals' default action, an immediate end
     t_start = time.time()
 
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sharding.check_batch(config.batch_size, mesh, config.microbatches)
-    prompts, stats = prompt_source(config)
-    log(f"prompts: {stats.describe()}")
-    stream = data.PromptStream(prompts, config.batch_size, config.seed, jax.process_index(), jax.process_count())
-
-    teacher_source = config.teacher
-    if config.get("make_tiny_teacher"):
-        from .tiny import make_tiny_pipeline
-
-        teacher_source = storage.join(workdir, "tiny_teacher")
-        # One writer, the others wait for it; made locally, published whole (model_index.json last).
-        if is_main and not storage.exists(storage.join(teacher_source, "model_index.json")):
-            with storage.atomic_dir(teacher_source, written_last="model_index.json") as folder:
-                make_tiny_pipeline(folder, seed=0)
-        distributed.barrier("tiny_teacher")
-    pipe = load_pipeline(teacher_source)
-    student_params = pipe.unet_params
-    if config.get("student_init"):
-        student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
-    vsd = build_vsd(config, pipe)
-
-    distributed.barrier("checkpoint_manager")  # its first collective must find every process within gloo's 30 s
-    mngr = ckpt.manager(workdir, config.keep_checkpoints)
-    state, state_sh, start = resume_or_start(config, vsd, student_params, mesh, mngr, stream, workdir)
-    del student_params
-    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
-
-    step_fn = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    sampler = Sampler(config, vsd, pipe, mesh) if config.sample_every else None
+    run = set_up(config, workdir)
+    mesh, stream, pipe, vsd, mngr, state, frozen, sampler, start = (
+        run.mesh, run.stream, run.pipe, run.vsd, run.mngr, run.state, run.frozen, run.sampler, run.start)
+    step_fn = vsd.jit_train_step(run.state_sh, run.frozen_sh, sharding.batch_sharding(mesh),
+                                 sharding.replicated(mesh))
     writer = summary_writer(workdir) if is_main else None
     tokenized = data.Prefetcher((pipe.tokenize(b) for b in stream.batches(start)))
-
     record = {"config": ckpt.config_record(config),
-              "student": record_for_run(config, vsd, teacher_source, workdir).as_dict()}
+              "student": record_for_run(config, vsd, run.teacher_source, workdir).as_dict()}
 
     def save(step):
         ckpt.ensure_space(mngr, state, step)
@@ -267,6 +277,62 @@ def main(argv):
         sys.exit(0)
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, set up: everything on a device is here (state, frozen inputs, the sampler's
+    inputs), each device holding its shard of it and nothing else."""
+
+    mesh: Any
+    stream: data.PromptStream
+    pipe: Any  # modules, tokenizer and schedule; its weights are on the mesh now, not here
+    vsd: VSD
+    mngr: Any
+    state: Any
+    state_sh: Any
+    frozen: Frozen
+    frozen_sh: Any
+    sampler: Optional["Sampler"]
+    start: int
+    teacher_source: str
+
+
+def set_up(config, workdir: str) -> Run:
+    """Mesh, prompts, teacher, train state (fresh or resumed), frozen inputs and sampler, placed on the mesh.
+
+    Weights are read into host memory, cast there, and sent to the devices already sharded; the host
+    copies are then dropped. Every input is checked before anything is compiled."""
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_batch(config.batch_size, mesh, config.microbatches)
+    prompts, stats = prompt_source(config)
+    log(f"prompts: {stats.describe()}")
+    stream = data.PromptStream(prompts, config.batch_size, config.seed, jax.process_index(), jax.process_count())
+
+    teacher_source = config.teacher
+    if config.get("make_tiny_teacher"):
+        from .tiny import make_tiny_pipeline
+
+        teacher_source = storage.join(workdir, "tiny_teacher")
+        # One writer, the others wait for it; made locally, published whole (model_index.json last).
+        if jax.process_index() == 0 and not storage.exists(storage.join(teacher_source, "model_index.json")):
+            with storage.atomic_dir(teacher_source, written_last="model_index.json") as folder:
+                make_tiny_pipeline(folder, seed=0)
+        distributed.barrier("tiny_teacher")
+    pipe = load_pipeline(teacher_source)
+    student_params = pipe.unet_params
+    if config.get("student_init"):
+        student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
+    vsd = build_vsd(config, pipe)
+
+    distributed.barrier("checkpoint_manager")  # its first collective must find every process within gloo's 30 s
+    mngr = ckpt.manager(workdir, config.keep_checkpoints)
+    state, state_sh, start = resume_or_start(config, vsd, student_params, mesh, mngr, stream, workdir)
+    del student_params
+    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
+    sampler = Sampler(config, vsd, pipe, sampler_inputs(config, vsd, pipe, mesh), mesh) if config.sample_every else None
+    pipe.unet_params = pipe.text_params = pipe.vae_params = None
+    return Run(mesh, stream, pipe, vsd, mngr, state, state_sh, frozen, frozen_sh, sampler, start, teacher_source)
+
+
 def compile_everywhere(step_fn, sampler, state, frozen, ids):
     """The step compiled ahead of its first call, and every process waiting for the others to finish compiling.
 
@@ -288,25 +354,23 @@ def compile_everywhere(step_fn, sampler, state, frozen, ids):
 class Sampler:
     """One-step samples of the student (and its EMA) for fixed validation prompts and noise."""
 
-    def __init__(self, config, vsd: VSD, pipe, mesh):
-        prompts = list(config.validation_prompts)
-        on_mesh = lambda x: jax.device_put(x, sharding.replicated(mesh))  # every input on the train mesh
-        self.cond = on_mesh(pipe.encode_text(prompts).astype(jnp.float32))
-        self.z = on_mesh(jax.random.normal(jax.random.PRNGKey(config.seed + 1), (len(prompts),) + vsd.latent_shape))
-        self.vae_params = on_mesh(pipe.vae_params)
-        images = one_step_images(vsd.student_unet, pipe.vae, vsd.schedule, vsd.student_t,
+    def __init__(self, config, vsd: VSD, pipe, inputs: dict, mesh):
+        self.inputs = inputs  # sampler_inputs(): noise, prompt embeddings, VAE weights, on the mesh
+        vae = pipe.vae.clone(dtype=dtype_of(config.student_compute_dtype))
+        images = one_step_images(vsd.student_unet, vae, vsd.schedule, vsd.student_t,
                                  output_is_x0=not vsd.config.student_x0_parameterization)
-        self.sample = jax.jit(images, out_shardings=sharding.replicated(mesh))
-        self.cols = min(len(prompts), 8)
+        self.sample = jax.jit(lambda params, x: images(params, x["vae"], x["z"], x["cond"]),
+                              out_shardings=sharding.replicated(mesh))
+        self.cols = min(len(config.validation_prompts), 8)
 
     def compile(self, params) -> None:
-        self.sample = self.sample.lower(params, self.vae_params, self.z, self.cond).compile()
+        self.sample = self.sample.lower(params, self.inputs).compile()
 
     def write(self, state, step, workdir, writer):
         png = storage.join(workdir, "samples", f"step_{step:07d}.png")
         rows = []
         for name, params in (("student", state.student), ("ema", state.ema)):
-            images = to_uint8(sharding.host_local(self.sample(params, self.vae_params, self.z, self.cond)))
+            images = to_uint8(sharding.host_local(self.sample(params, self.inputs)))
             rows.append(image_grid(images, self.cols))
         if jax.process_index() != 0:
             return

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.flax import load_file
+from ml_dtypes import bfloat16
 from safetensors.numpy import save_file
 
 # Files a component folder may hold its weights in, in order of preference.
@@ -57,15 +57,41 @@ def find_safetensors(folder: str) -> list:
     raise WeightsError(f"{folder}: no {' or '.join(SAFETENSORS_NAMES)} found")
 
 
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as a numpy array in host memory (bfloat16 through ml_dtypes).
+
+    The format is a little-endian u64 header length, a JSON header of {name: dtype, shape, data_offsets}
+    and the raw bytes; reading it here keeps the weights off every accelerator until the trainer places
+    them (the library's readers for bfloat16 go through a framework's device arrays)."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int(np.frombuffer(f.read(8), "<u8")[0])
+            header = json.loads(f.read(header_size))
+            body = f.read()
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+            if end > len(body) or end - start != dtype.itemsize * int(np.prod(info["shape"])):
+                raise ValueError(f"tensor {name} runs past the end of the file or has the wrong size")
+            out[name] = np.frombuffer(body, dtype, count=(end - start) // dtype.itemsize,
+                                      offset=start).reshape(info["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def read_state_dict(folder: str) -> Dict[str, np.ndarray]:
     """All tensors of a component folder as numpy arrays."""
     state = {}
     for path in find_safetensors(folder):
-        try:
-            tensors = load_file(path)  # the flax reader, unlike the numpy one, handles bfloat16
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-        state.update({k: np.asarray(v) for k, v in tensors.items()})
+        state.update(read_safetensors(path))
     return {k: v for k, v in state.items() if not IGNORED_KEYS.search(k)}
 
 
@@ -138,7 +164,9 @@ def state_dict_to_params(
         if wrong:
             parts.append(f"{len(wrong)} mis-shaped: {_fmt(wrong)}")
         raise WeightsError(f"{what} weights do not match its config.json ({'; '.join(parts)})")
-    return jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), traverse_util.unflatten_dict(out))
+    # Host (numpy) arrays: the trainer casts and shards them onto the mesh itself, so that no device ever
+    # holds a whole float32 copy it does not need.
+    return jax.tree_util.tree_map(lambda v: np.asarray(v, dtype), traverse_util.unflatten_dict(out))
 
 
 def params_to_state_dict(params, dtype=np.float32) -> Dict[str, np.ndarray]:

@@ -323,7 +323,7 @@ BAD_INPUTS = {
     "SDXL-style UNet config": "addition_embed_type='text_time' is not supported",
     "pickle-only UNet weights": "is a pickle checkpoint, which is never loaded",
     "workdir of an incompatible config (LoRA rank 8 vs 4)":
-        "the workdir holds checkpoints of an incompatible config (lora.rank: checkpoint 4 vs config 8)",
+        "was made with another config, and these keys cannot change mid-run: lora.rank: 4 -> 8;",
 }
 
 

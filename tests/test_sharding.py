@@ -57,8 +57,12 @@ def test_sharded_step_equals_single_device(setup, single, data, fsdp, microbatch
     want, want_metrics, _ = single
     devices = jax.devices()[:data * fsdp]
     got, got_metrics, live = run_steps(setup, sharding.make_mesh(data, fsdp, devices), microbatches=microbatches)
-    for k in ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora", "x0_std"):
-        np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-4, err_msg=k)
+    # loss_student and the student's gradient come from w(t) (e_teacher - e_lora), a difference of two nearly
+    # equal guided outputs: the split reductions' rounding (which differs by CPU) reaches them amplified,
+    # 1.8e-4 and 1.5e-4 relative on an AMD EPYC. The parameters below are held to the tight bounds.
+    for k, rtol in (("loss_student", 1e-3), ("loss_lora", 1e-4), ("grad_norm_student", 1e-3),
+                    ("grad_norm_lora", 1e-4), ("x0_std", 1e-4)):
+        np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=rtol, err_msg=k)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=2e-6,
                                    err_msg=jax.tree_util.keystr(path))

@@ -252,6 +252,22 @@ def test_ema_decay_over_steps(setup):
             assert int(state.step) == k + 1
 
 
+def test_learning_rate_follows_the_state_step(setup):
+    """The step's update reads its learning rate at the train state's step, the counter that the loop,
+    the checkpoints and the EMA read: with a 10-step warm-up, a fresh Adam's first update at state step
+    5 moves each weight by half the peak rate (Adam's first step has the size of the rate)."""
+    s = setup
+    lr = 1e-3
+    vsd = dataclasses.replace(s["vsd"], student_tx=make_optimizer(lr, warmup_steps=10, clip=0.0))
+    state = vsd.init_state(jax.random.PRNGKey(0), s["student"], s["lora"]).replace(step=jnp.int32(5))
+    grads = jax.tree_util.tree_map(jnp.ones_like, s["student"])
+    zero_lora = jax.tree_util.tree_map(jnp.zeros_like, s["lora"])
+    metrics = {"loss_student": jnp.float32(1), "loss_lora": jnp.float32(1)}
+    new, _ = jax.jit(vsd.apply_grads)(state, grads, zero_lora, metrics, state.rng)
+    old, moved = jax.tree_util.tree_leaves(state.student)[0], jax.tree_util.tree_leaves(new.student)[0]
+    np.testing.assert_allclose(np.asarray(old - moved), lr * 5 / 10, rtol=1e-3)
+
+
 def _torch_adamw(params0, grads, lrs, *, b1, b2, eps, weight_decay, clip):
     """torch.optim.AdamW with global-norm clipping, the learning rate set by hand before each step."""
     p = torch.nn.Parameter(torch.tensor(params0))

@@ -252,13 +252,17 @@ def squeeze_conv_projection(name: str, value: np.ndarray, flax_shape: tuple) -> 
     return value
 
 
-def load_vae(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(model, params) from a diffusers ``vae`` folder (config.json + safetensors)."""
-    config = VAEConfig.from_diffusers(read_config(folder))
-    model = AutoencoderKL(config, dtype=dtype)
+def vae_param_shapes(config: VAEConfig, dtype=jnp.float32):
+    """The VAE's parameter tree as ShapeDtypeStructs, without allocating it."""
     side = 2 ** (len(config.block_out_channels) - 1)
     sample = jax.ShapeDtypeStruct((1, side, side, config.in_channels), dtype)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), sample)["params"]
+    return jax.eval_shape(AutoencoderKL(config, dtype=dtype).init, jax.random.key(0), sample)["params"]
+
+
+def load_vae(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
+    """(model, params) from a diffusers ``vae`` folder (config.json + safetensors), params in host memory."""
+    config = VAEConfig.from_diffusers(read_config(folder))
     state = rename_legacy_attention(read_state_dict(folder))
-    params = state_dict_to_params(state, shapes, "vae", param_dtype, adapt=squeeze_conv_projection)
-    return model, params
+    params = state_dict_to_params(state, vae_param_shapes(config, dtype), "vae", param_dtype,
+                                  adapt=squeeze_conv_projection)
+    return AutoencoderKL(config, dtype=dtype), params

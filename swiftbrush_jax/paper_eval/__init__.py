@@ -1,4 +1,4 @@
-"""Evaluating like the papers: COCO-2014 FID and CLIP score, and the HPSv2 benchmark (SPEC §3, §7, §8).
+"""Evaluating like the papers: COCO-2014 FID and CLIP score, and the HPSv2 benchmark (docs/method.md §6, §7).
 
 One file per concern: ``prompts`` (the prompt sets), ``generation`` (resumable
 PNGs with a manifest), ``fid`` (clean-fid's protocol), ``clip_models`` (the

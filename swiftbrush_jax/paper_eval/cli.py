@@ -13,7 +13,7 @@ folder or Hub id run by DDIM with classifier-free guidance (``--steps``,
 ``--out/images`` with a manifest; a rerun skips what exists. On a pod each
 process generates its share, and one process then reruns with ``--score-only``.
 Each evaluation writes one JSON record; ``--table`` prints several records as a
-markdown table beside the papers' rows (SPEC §3, §7; protocol SPEC §8).
+markdown table beside the papers' rows (docs/method.md §6, §7).
 """
 
 import argparse
@@ -22,7 +22,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import UsageError
+from ..errors import ArgumentParser, UsageError
 from ..sample import add_sampling_flags
 from . import clip_models, fid, generation, prompts, table
 
@@ -31,9 +31,7 @@ GENERATOR_FILE = "generator.json"  # which model, steps and guidance made the im
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m swiftbrush_jax.paper_eval",
-                                     description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("python -m swiftbrush_jax.paper_eval", __doc__)
     parser.add_argument("--suite", choices=["coco2014", "hps"], help="the prompt set and its metrics")
     parser.add_argument("--table", nargs="+", metavar="RECORD", help="print these JSON records as a markdown table")
     parser.add_argument("--model", help="training workdir, diffusers folder or Hub id")

@@ -1,6 +1,6 @@
 """OpenCLIP checkpoints run by transformers' CLIPModel: the CLIP score's ViT-g-14 and HPSv2's ViT-H-14.
 
-Both papers' image-text scores are OpenCLIP ViTs (SPEC §8): the CLIP score is
+Both papers' image-text scores are OpenCLIP ViTs (docs/method.md §7): the CLIP score is
 OpenCLIP ViT-g-14 ``laion2b_s12b_b42k``; HPSv2 (Wu et al. 2023) is OpenCLIP
 ViT-H-14 fine-tuned on human preferences, scored as 100 x the cosine of the
 image and prompt embeddings. OpenCLIP itself needs torchvision, which has no
@@ -214,7 +214,7 @@ def load_clip(arch: Dict, weights: str, tokenizer_folder: str, what: str) -> Cli
     return ClipScorer(model.eval().to(device), tokenizer, device)
 
 
-CLIP_SCORE_PREFIX = "A photo depicts "  # SPEC §8, as SwiftBrush v2's and DMD2's evaluation scripts prompt it
+CLIP_SCORE_PREFIX = "A photo depicts "  # docs/method.md §7, as SwiftBrush v2's and DMD2's evaluation scripts prompt it
 
 
 def clip_score(scorer: ClipScorer, images_and_prompts, batch_size: int) -> float:

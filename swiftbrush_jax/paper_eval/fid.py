@@ -1,6 +1,6 @@
 """FID by clean-fid's protocol (Parmar et al., "On Aliased Resizing and Surprising Subtleties in GAN Evaluation").
 
-SPEC §8: generated and reference images are centre-cropped to a square and
+docs/method.md §7: generated and reference images are centre-cropped to a square and
 resized to 256 px (PIL Lanczos, the papers' resolution for COCO FID), then
 clean-fid's "clean" mode takes over: each channel is resized to 299 px as a
 float image with PIL bicubic (no 8-bit rounding, no aliasing), scaled to
@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import UsageError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
-PAPER_SIZE = 256  # images are brought to 256 px before clean-fid's own resize (SPEC §8)
+PAPER_SIZE = 256  # images are brought to 256 px before clean-fid's own resize (docs/method.md §7)
 INCEPTION_SIZE = 299
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

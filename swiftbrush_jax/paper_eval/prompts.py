@@ -1,6 +1,6 @@
 """The papers' prompt sets: 30K COCO-2014 validation captions, and the HPSv2 benchmark's four styles.
 
-COCO (SPEC §3, §8): images of ``captions_val2014.json`` are drawn without
+COCO (docs/method.md §7): images of ``captions_val2014.json`` are drawn without
 replacement with a fixed seed and one of each image's five captions is drawn
 for it, so a sample never holds two captions of one image. The HPS benchmark
 (Wu et al. 2023) is four JSON lists of prompts, ``anime.json``,

@@ -10,7 +10,7 @@ from ..errors import UsageError
 # The paper's order of HPSv2 styles, and the record's keys for them.
 HPS_COLUMNS = (("anime", "anime"), ("photo", "photo"), ("concept", "concept-art"), ("painting", "paintings"))
 
-# SPEC §3 (SwiftBrush, CVPR 2024, Table 1 and its HPSv2 table) and §7 (SwiftBrush v2). "-": not reported.
+# docs/method.md §7 (SwiftBrush, CVPR 2024, Table 1 and its HPSv2 table; SwiftBrush v2). "-": not reported.
 PAPER_ROWS = (
     {"method": "SD 2.1 (teacher) [SwiftBrush paper]", "steps": "25", "fid": 13.45, "clip_score": 0.30},
     {"method": "SD 2.1 (teacher) [SwiftBrush paper]", "steps": "1", "fid": 202.14, "clip_score": 0.08},
