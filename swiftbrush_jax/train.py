@@ -29,7 +29,7 @@ from ml_collections import config_flags
 from . import checkpoint as ckpt
 from . import data, sharding, storage
 from . import distributed
-from .errors import TrainingDiverged, exit_on_user_error, parse_flags_or_exit
+from .errors import TrainingDiverged, UsageError, exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, one_step_images, to_uint8
 from .lora import init_lora, lora_scale
 from .pipeline import load_pipeline
@@ -91,12 +91,18 @@ def build_vsd(config, pipe) -> VSD:
                                    lora_scale=lora_scale(config.lora.rank, config.lora.alpha), **memory)
     student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), **memory)
     text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype))
+    score_unet = teacher_unet.clone(dtype=dtype_of(config.score_dtype)) if config.score_dtype else None
+    try:
+        jax.default_matmul_precision(config.score_precision or None)
+    except ValueError as e:
+        raise UsageError(f"--config.score_precision={config.score_precision!r}: {e}") from None
     latent = config.get("latent_size") or unet_config.sample_size
     return VSD(
         student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
         student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
-        latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches)
+        latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches,
+        score_unet=score_unet, score_precision=config.score_precision or None)
 
 
 def as_dtype(tree, dtype):

@@ -130,6 +130,12 @@ class VSD:
     lora_tx: optax.GradientTransformation
     latent_shape: tuple  # (H, W, C) of the student's noise
     microbatches: int = 1  # the batch in this many sequential chunks, gradients summed: same update, less memory
+    # The four score evaluations of the VSD gradient (teacher and LoRA teacher, both guided) run in this module
+    # (the teacher at another compute dtype; None: teacher_unet) with float32 matmuls at this precision
+    # (None: the backend's default). Their difference is small next to each score, so bf16 rounding of the
+    # two would drown it early in a run, while the LoRA teacher is still close to the teacher (README, bf16).
+    score_unet: Optional[nn.Module] = None
+    score_precision: Optional[str] = None
 
     @property
     def student_t(self) -> int:
@@ -163,15 +169,17 @@ class VSD:
     def vsd_gradient(self, teacher_params, lora_params, x0, cond, uncond, noise: Noise):
         """w(t) (e_teacher - e_lora) at x_t = a_t x0 + s_t eps, non-finite entries zeroed."""
         c, t = self.config, noise.t_vsd
+        unet = self.score_unet or self.teacher_unet
         x_t = sched.add_noise(self.schedule, x0, noise.eps_vsd, t)
-        e_teacher = guided(self.teacher_unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
-        e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
-        if c.use_lora_teacher:
-            e_lora = guided(self.teacher_unet, {"params": teacher_params, "lora": lora_params},
+        with jax.default_matmul_precision(self.score_precision):
+            e_teacher = guided(unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
+            e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
+            if c.use_lora_teacher:
+                e_lora = guided(unet, {"params": teacher_params, "lora": lora_params},
                                 x_t, t, cond, uncond, c.lora_guidance_scale)
-            e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
-        else:
-            e_lora = noise.eps_vsd
+                e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
+            else:
+                e_lora = noise.eps_vsd
         _, sigma = sched.alpha_sigma(self.schedule, t)
         grad = sigma**2 * (e_teacher - e_lora)
         return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
