@@ -68,6 +68,11 @@ def parse_flags_or_exit(argv):
 
     try:
         return flags.FLAGS(argv)
+    except SystemExit:
+        # absl prints --help and exits with status 1; a help asked for is a success, as in the other commands.
+        if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e).strip("\"'")
         unknown = re.fullmatch(r"'?([\w.]+)'?", message)

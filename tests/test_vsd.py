@@ -252,6 +252,15 @@ def test_ema_decay_over_steps(setup):
             assert int(state.step) == k + 1
 
 
+def test_optimizer_state_tree_does_not_depend_on_its_settings():
+    """Clipping, weight decay, warm-up and decay change the update, not the state's tree: a run may change
+    them on resume (checkpoint.CHANGEABLE_ON_RESUME) and restore the same arrays."""
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    trees = [jax.tree_util.tree_structure(make_optimizer(1e-3, **kw).init(params))
+             for kw in ({}, {"clip": 0.0}, {"weight_decay": 0.1}, {"warmup_steps": 5, "decay_steps": 50})]
+    assert all(tree == trees[0] for tree in trees)
+
+
 def test_learning_rate_follows_the_state_step(setup):
     """The step's update reads its learning rate at the train state's step, the counter that the loop,
     the checkpoints and the EMA read: with a 10-step warm-up, a fresh Adam's first update at state step

@@ -1,0 +1,38 @@
+"""The commands behave alike: --help shows a runnable example, a bad flag is one `error:` line and status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ("train", "sample", "export", "evaluate", "plan")
+
+
+def run(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_an_example(command):
+    out = run(f"swiftbrush_jax.{command}", "--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"python -m swiftbrush_jax.{command} --" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_flag_is_one_error_line(command):
+    """(The required flags missing are reported first where a command has them.)"""
+    out = run(f"swiftbrush_jax.{command}", "--no-such-flag")
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith("error: "), out.stderr[-2000:]
+    assert not [line for line in errors if line.startswith("usage:")] and "Traceback" not in out.stderr
+
+
+def test_evaluate_help_lists_every_suite():
+    out = run("swiftbrush_jax.evaluate", "--help")
+    assert "{shapes,coco2014,hps}" in out.stdout
