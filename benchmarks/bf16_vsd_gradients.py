@@ -1,7 +1,8 @@
 """How far the bf16 VSD step's gradients are from the float32 step's, and which precision change repairs them.
 
     python benchmarks/bf16_vsd_gradients.py                     # tiny SD 2.1-shaped pipeline, every candidate
-    python benchmarks/bf16_vsd_gradients.py --size sd21         # full-size SD 2.1 UNet, random weights (~8 GB)
+    XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" \
+        python benchmarks/bf16_vsd_gradients.py --size sd21     # full-size SD 2.1 UNet, random weights
     python benchmarks/bf16_vsd_gradients.py --json benchmarks/results/bf16_vsd_gradients.json
     python benchmarks/bf16_vsd_gradients.py --json benchmarks/results/bf16_vsd_gradients.json --table
 
@@ -28,6 +29,11 @@ method interception (``nn.intercept_methods``), so the step's code is the traine
 * ``tail f32``: the UNet's last norm and conv (``conv_norm_out``, ``conv_out``) in float32;
   ``last block f32``: the last up block as well.
 * ``one call``: e_teacher and e_lora from one batched UNet call (the adapter masked on the first half).
+
+At ``--size sd21`` (forward half only, see ``sd21_problem``) the float32 reference and a
+bf16 setting peaked at 9.5 GiB of host memory with the XLA_FLAGS above (LLVM's
+optimisation off: the compile, not the 3.2 GiB of weights, dominates); a setting that
+casts the bf16-stored weights to float32 inside the program went past 11 GiB.
 * ``scores f32 compute``: only the four score evaluations of ``vsd_gradient`` (teacher and LoRA
   teacher, with and without the prompt) compute in float32, from the bf16-stored weights; the LoRA
   loss, the student and the text encoder stay bf16.
@@ -43,6 +49,7 @@ import functools
 import importlib
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -275,6 +282,11 @@ class ChangedVSD(VSD):
         return jnp.nan_to_num(sigma**2 * (e_teacher - e_lora), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x).astype(F32) for x in jax.tree_util.tree_leaves(tree)])
 
@@ -413,7 +425,8 @@ def measure(problem: Problem, names, perturbations, log, on_setting) -> dict:
                          f" | lora cos {row['lora_grad']['cosine']:.5f} | " if "student_grad" in row else "")
             log(f"{name:42s} p={p:<6} {gradients}x0-grad cos {row['x0_grad']['cosine']:.4f} | "
                 f"diff cos {row['guided_difference']['cosine']:.4f} "
-                f"(at f32 x0 {row['guided_difference_at_f32_x0']['cosine']:.4f}) | loss x{row['loss_student_ratio']:.2f}")
+                f"(at f32 x0 {row['guided_difference_at_f32_x0']['cosine']:.4f}) | loss x{row['loss_student_ratio']:.2f}"
+                f" | peak RSS {peak_rss_gib():.1f} GiB")
         if setting.matmul_passes:
             jax.clear_caches()
         results[name] = {"setting": dataclasses.asdict(setting), "by_p": rows,
@@ -457,6 +470,25 @@ def tiny_problem(root: str, batch: int, seed: int) -> Problem:
                    lora=lora, gradients=True)
 
 
+def random_params(shapes, seed: int):
+    """Random weights for a parameter tree of ShapeDtypeStructs, one leaf at a time in host memory.
+
+    Kernels are normal with std 1/sqrt(fan in) (Flax's lecun_normal without truncation), biases
+    zero, norm scales one. Made leaf by leaf, the peak is the tree plus one leaf; Flax's jitted
+    ``init`` of the full-size UNet held about twice the tree.
+    """
+    rng = np.random.default_rng(seed)
+
+    def make(path, shape):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(shape.shape[:-1]))
+            return jnp.asarray(rng.standard_normal(shape.shape, dtype=np.float32) / np.sqrt(fan_in))
+        return jnp.ones(shape.shape, F32) if name == "scale" else jnp.zeros(shape.shape, F32)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
 def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem:
     """A full-size SD 2.1-base UNet with Flax's random init, random text states (77 x 1024), rank-64 LoRA.
 
@@ -465,7 +497,7 @@ def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem
     the forward half is compiled: on a 2-core CPU, compiling the full step for each
     setting takes too long, and the x0-gradient is what the student's gradient is pulled back from.
     """
-    from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from swiftbrush_jax.schedule import NoiseSchedule
     from swiftbrush_jax.sd21_arch import SCHEDULER, UNET
     from swiftbrush_jax.vsd import VSDConfig, make_optimizer
@@ -473,9 +505,8 @@ def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem
     config = training_config("sd21")
     unet_config = UNetConfig.from_diffusers(UNET)
     unet = UNet2DConditionModel(unet_config)
-    k_init, k_lora, k_text, k_noise = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = jax.jit(unet.init)(
-        k_init, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, 1024)))["params"]
+    k_lora, k_text, k_noise = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = random_params(unet_param_shapes(unet_config), seed)
     teacher_unet = unet.clone(lora_scale=lora_scale(config.lora.rank, config.lora.alpha))
     vsd = VSD(student_unet=unet, teacher_unet=teacher_unet, text_encoder=None,
               schedule=NoiseSchedule.from_config(SCHEDULER), config=VSDConfig(**config.vsd),
@@ -535,7 +566,9 @@ def main():
         with tempfile.TemporaryDirectory() as root:
             measure(tiny_problem(root, batch, args.seed), names, args.p, log, save)
     else:
-        measure(sd21_problem(args.latent, batch, args.seed, args.gradients), names, args.p, log, save)
+        problem = sd21_problem(args.latent, batch, args.seed, args.gradients)
+        log(f"SD 2.1 UNet built, peak RSS {peak_rss_gib():.1f} GiB")
+        measure(problem, names, args.p, log, save)
 
 
 if __name__ == "__main__":
