@@ -326,9 +326,14 @@ class Problem:
 
 
 def build_vsd(problem: Problem, setting: Setting) -> "ChangedVSD":
-    """The float32 step's VSD with the setting's compute dtypes and change."""
+    """The float32 step's VSD with the setting's compute dtypes and change.
+
+    The trainer's own score module and precision (``score_unet``, ``score_precision``: the fix this
+    benchmark led to) are left unset, so the scores compute where the setting says.
+    """
     base = problem.vsd
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(VSD)}
+    fields.update(score_unet=None, score_precision=None)
     text_encoder = base.text_encoder.clone(dtype=jnp.dtype(setting.text_compute)) if base.text_encoder else None
     return ChangedVSD(**{**fields, "student_unet": base.student_unet.clone(dtype=jnp.dtype(setting.student_compute)),
                          "teacher_unet": base.teacher_unet.clone(dtype=jnp.dtype(setting.teacher_compute)),
