@@ -71,6 +71,11 @@ def tree_shardings(tree, mesh: Mesh, rules=FSDP_RULES, min_size=MIN_SHARD_SIZE):
     )
 
 
+def is_abstract(tree) -> bool:
+    """Whether ``tree`` holds ShapeDtypeStructs (a plan's stand-ins) rather than arrays."""
+    return isinstance(jax.tree_util.tree_leaves(tree)[0], jax.ShapeDtypeStruct)
+
+
 def place(tree, shardings):
     """``tree`` on the mesh in ``shardings``: host arrays are copied there, each device receiving only its
     shard; ShapeDtypeStructs (planning) become ShapeDtypeStructs that carry the sharding."""

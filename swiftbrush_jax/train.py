@@ -114,7 +114,7 @@ def as_dtype(tree, dtype):
 
 def text_embedding(pipe, prompts):
     """``pipe.encode_text(prompts)`` in float32, or its ShapeDtypeStruct where the pipeline is abstract."""
-    if isinstance(jax.tree_util.tree_leaves(pipe.text_params)[0], jax.ShapeDtypeStruct):
+    if sharding.is_abstract(pipe.text_params):
         config = pipe.text_encoder.config
         return jax.ShapeDtypeStruct((len(prompts), config.max_position_embeddings, config.hidden_size), jnp.float32)
     return np.asarray(pipe.encode_text(list(prompts)), np.float32)
@@ -138,7 +138,7 @@ def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False
     make_lora = lambda: init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
     shapes = jax.eval_shape(lambda p: vsd.init_state(rng, p, make_lora()), student_params)
     state_sh = sharding.tree_shardings(shapes, mesh)
-    if abstract or isinstance(jax.tree_util.tree_leaves(student_params)[0], jax.ShapeDtypeStruct):
+    if abstract or sharding.is_abstract(student_params):
         return ckpt.abstract(shapes, state_sh), state_sh
     student = sharding.place(student_params, state_sh.student)
     create = jax.jit(lambda p: vsd.init_state(rng, p, make_lora()), in_shardings=(state_sh.student,),
@@ -153,9 +153,8 @@ def sampler_inputs(config, vsd: VSD, pipe, mesh) -> dict:
     prompts = list(config.validation_prompts)
     replicated = sharding.replicated(mesh)
     shape = (len(prompts),) + tuple(vsd.latent_shape)
-    z = (np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1), shape))
-         if not isinstance(jax.tree_util.tree_leaves(pipe.vae_params)[0], jax.ShapeDtypeStruct)
-         else jax.ShapeDtypeStruct(shape, jnp.float32))
+    z = (jax.ShapeDtypeStruct(shape, jnp.float32) if sharding.is_abstract(pipe.vae_params)
+         else np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1), shape)))
     inputs = {"z": z, "cond": text_embedding(pipe, prompts),
               "vae": as_dtype(pipe.vae_params, dtype_of(config.student_compute_dtype))}
     shardings = {"z": replicated, "cond": replicated, "vae": sharding.tree_shardings(inputs["vae"], mesh)}
