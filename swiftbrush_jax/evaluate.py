@@ -25,7 +25,7 @@ import numpy as np
 
 from . import metrics
 from .errors import ArgumentParser, exit_on_user_error
-from .generate import ddim_images, one_step_images, to_uint8
+from .generate import to_uint8
 from .toy import shapes
 
 NOISE_SEED = 10_000  # generation noise, disjoint from every training seed
@@ -50,20 +50,16 @@ def make_generator(source: str, steps: Optional[int], guidance: Optional[float])
 
     A workdir's student runs in one step as its checkpoint records; a diffusers folder as ``sample``
     runs it (``sample.sampling_steps``: DDIM with guidance, or one call at T - 1 for ``steps=1``)."""
-    from .sample import load_sampling_model, sampling_steps
+    from .sample import load_sampling_model, make_images, sampling_steps
 
     model = load_sampling_model(source)
     steps, guidance = sampling_steps(model, steps, guidance)
-    pipe = model.pipe
-    if steps == 1:
-        run = jax.jit(one_step_images(pipe.unet, pipe.vae, pipe.schedule, model.one_step_t, model.output_is_x0))
-        generate = lambda z, cond: run(model.unet_params, pipe.vae_params, z, cond)
+    if steps > 1:
+        description = f"teacher DDIM {steps} steps, CFG {guidance:g}"
+    else:
         what = model.description if model.is_student else f"teacher x0 at t={model.one_step_t}"
-        return model, generate, f"{what}, 1 step"
-    run = jax.jit(ddim_images(pipe.unet, pipe.vae, pipe.schedule, steps, guidance))
-    uncond = pipe.encode_text([""])
-    return (model, lambda z, cond: run(model.unet_params, pipe.vae_params, z, cond, uncond),
-            f"teacher DDIM {steps} steps, CFG {guidance:g}")
+        description = f"{what}, 1 step"
+    return model, make_images(model, steps, guidance), description
 
 
 def generate_suite(model, generate, prompts: List[str], seeds: int) -> np.ndarray:

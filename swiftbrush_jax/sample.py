@@ -126,6 +126,20 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
 
 
+def make_images(model: SamplingModel, steps: int, guidance: float, put=lambda x: x):
+    """(z, cond) -> float images in [0, 1]: ``model`` in one step, or ``steps`` of DDIM with ``guidance`` (as
+    ``sampling_steps`` returns them). Its weights and the empty-prompt embedding pass through ``put`` once
+    (onto a mesh, say)."""
+    pipe = model.pipe
+    unet_params, vae_params = put(model.unet_params), put(pipe.vae_params)
+    if steps == 1:
+        run = jax.jit(one_step_images(pipe.unet, pipe.vae, pipe.schedule, model.one_step_t, model.output_is_x0))
+        return lambda z, cond: run(unet_params, vae_params, z, cond)
+    run = jax.jit(ddim_images(pipe.unet, pipe.vae, pipe.schedule, steps, guidance))
+    uncond = put(pipe.encode_text([""]))
+    return lambda z, cond: run(unet_params, vae_params, z, cond, uncond)
+
+
 class BatchedSampler:
     """Jitted sampling of (prompt, noise) pairs in fixed-size batches split over the local devices, in one
     step or ``steps`` of DDIM with ``guidance`` (as ``sampling_steps`` returns them)."""
@@ -137,16 +151,7 @@ class BatchedSampler:
         self.rows = NamedSharding(mesh, P("batch"))
         replicated = NamedSharding(mesh, P())
         self.pipe = model.pipe
-        self.unet_params = jax.device_put(model.unet_params, replicated)
-        self.vae_params = jax.device_put(model.pipe.vae_params, replicated)
-        if steps == 1:
-            fn = jax.jit(one_step_images(model.pipe.unet, model.pipe.vae, model.pipe.schedule, model.one_step_t,
-                                         model.output_is_x0))
-            self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond)
-        else:
-            fn = jax.jit(ddim_images(model.pipe.unet, model.pipe.vae, model.pipe.schedule, steps, guidance))
-            uncond = jax.device_put(model.pipe.encode_text([""]), replicated)
-            self._run = lambda z, cond: fn(self.unet_params, self.vae_params, z, cond, uncond)
+        self._run = make_images(model, steps, guidance, lambda x: jax.device_put(x, replicated))
 
     def __call__(self, prompts: Sequence[str], noise: np.ndarray) -> np.ndarray:
         """Float images in [0, 1], NHWC, for len(prompts) <= batch_size pairs (prompts[i], noise[i])."""
