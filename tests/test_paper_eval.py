@@ -4,8 +4,8 @@ Each metric runs through the command line's own code path with randomly
 initialised stand-ins: a small TorchScript network with the interface of
 clean-fid's Inception, and a small OpenCLIP-layout ViT checkpoint (the real
 ViT-g-14 / ViT-H-14 are too large for CI). References: the closed-form
-Frechet distance, clean-fid's own functions where clean-fid is installed, and
-transformers' CLIPModel and CLIP image processor run directly on the same model.
+Frechet distance, clean-fid's and OpenCLIP's own code (tests/field_tools.py),
+and transformers' CLIPModel and CLIP image processor run directly on the same model.
 """
 
 import json
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import field_tools
 from swiftbrush_jax import toy
 from swiftbrush_jax.errors import UsageError
 from swiftbrush_jax.paper_eval import clip_models, fid, generation, main, prompts
@@ -182,9 +183,9 @@ def test_frechet_distance_matches_the_closed_form():
 
 
 def test_frechet_distance_and_clean_resize_match_clean_fid():
-    """clean-fid's own frechet_distance and "clean" resizer, where clean-fid (and its torchvision) is installed."""
-    clean_fid = pytest.importorskip("cleanfid.fid")
-    from cleanfid.resize import build_resizer
+    """clean-fid's own frechet_distance and "clean" resizer (clean-fid 0.1.35's code, tests/field_tools.py)."""
+    clean_fid, clean_resize = field_tools.clean_fid()
+    build_resizer = clean_resize.build_resizer
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(300, 5)), rng.normal(size=(300, 5)) * 1.3 + 0.2
@@ -379,10 +380,10 @@ def test_hps_suite_scores_each_style(tmp_path, weights):
 
 
 def test_conversion_matches_openclip(tmp_path):
-    """Where OpenCLIP is installed (it needs torchvision): its own CLIP model with random weights, every tensor
+    """OpenCLIP's own CLIP model (open-clip-torch 3.3.0, tests/field_tools.py) with random weights, every tensor
     perturbed, and ours after renaming give the same cosines through the same preprocessing."""
-    pytest.importorskip("open_clip")
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    open_clip_model = field_tools.open_clip_model()
+    CLIP, CLIPTextCfg, CLIPVisionCfg = open_clip_model.CLIP, open_clip_model.CLIPTextCfg, open_clip_model.CLIPVisionCfg
     from safetensors.torch import save_file
 
     from swiftbrush_jax.diffusers_io import write_clip_tokenizer

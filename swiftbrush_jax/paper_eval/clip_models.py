@@ -3,12 +3,14 @@
 Both papers' image-text scores are OpenCLIP ViTs (docs/method.md §7): the CLIP score is
 OpenCLIP ViT-g-14 ``laion2b_s12b_b42k``; HPSv2 (Wu et al. 2023) is OpenCLIP
 ViT-H-14 fine-tuned on human preferences, scored as 100 x the cosine of the
-image and prompt embeddings. OpenCLIP itself needs torchvision, which has no
-wheel matching the pinned CPU torch on PyPI, so the same networks run here as
+image and prompt embeddings. OpenCLIP itself needs torchvision, whose PyPI
+wheels are CUDA builds that do not load with a CPU torch, so the same networks run here as
 transformers' ``CLIPModel`` (the same pre-LayerNorm transformer, exact GELU,
 class-token pooling, argmax-token text pooling) with the checkpoint's tensors
-renamed by ``openclip_to_transformers``. Preprocessing is OpenCLIP's eval
-transform: bicubic resize of the short side to 224, centre crop, CLIP mean/std.
+renamed by ``openclip_to_transformers`` (tests compare against OpenCLIP's own
+model). Preprocessing is OpenCLIP's eval transform: bicubic resize of the short
+side to 224, centre crop, CLIP mean/std; hpsv2's pads the long side instead,
+which is the same for the square images generated here.
 
 Weights are read from safetensors only; a pickled ``.pt``/``.bin`` checkpoint
 is refused with the one-line command that converts it, so this module never
