@@ -1,15 +1,18 @@
-"""The paper's table (docs/method.md §7) at laptop scale, on the shipped shapes teacher.
+"""The paper's table (docs/method.md §7) at laptop scale, on the shipped shapes teacher, with error bars.
 
-    python benchmarks/shapes_table.py [--runs runs] [--main-steps 600] [--ablation-steps 120]
+    python benchmarks/shapes_table.py [--runs runs] [--repeats 3] [--steps 1500] [--lora-updates 5]
 
-Trains (or reuses the workdirs of) three distillations with configs/shapes.py:
-SwiftBrush, the plain-SDS ablation (no LoRA teacher) and the no-x0
-ablation (student output taken as x0); the three run side by side. Then
-evaluates on held-out noise seeds, against true renders from held-out seeds:
-teacher DDIM with CFG, teacher in one step (x0 at T-1), the three students
-in one step, and the true renders themselves (the metrics' ceiling / floor).
-Writes benchmarks/results/shapes_table.{md,json} and one grid PNG per row
-(rows: prompts, columns: seeds).
+Distils the shipped teacher with configs/shapes.py, --repeats times per row with
+training seeds 0, 1, 2, ...: SwiftBrush, the plain-SDS ablation (no LoRA
+teacher), the no-x0 ablation (student output taken as x0) and the two
+time-scale variant (--lora-updates LoRA-teacher updates per student update).
+A finished workdir is reused, so an interrupted table resumes. Each repeat r is
+evaluated on held-out noise seed NOISE_SEED + r (the teacher's rows too), so a
+row's spread holds both training and sampling variance. Rows: teacher DDIM
+with CFG, teacher in one step (x0 at T-1), the four students in one step, and
+true renders (the metrics' floor / ceiling). Writes
+benchmarks/results/shapes_table.{md,json} and one grid PNG per row (repeat 0;
+rows: prompts, the under-specified ones last; columns: seeds).
 """
 
 import argparse
@@ -22,91 +25,125 @@ import time
 import numpy as np
 
 from swiftbrush_jax import evaluate as ev
-from swiftbrush_jax.toy import shapes, teacher_path
+from swiftbrush_jax.toy import shapes, teacher_arch, teacher_path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
-DISTILLATIONS = {  # name -> config overrides
-    "swiftbrush": [],
-    "sds_ablation": ["--config.vsd.use_lora_teacher=False"],
-    "no_x0_ablation": ["--config.vsd.student_x0_parameterization=False"],
-}
+COLUMNS = ("color_accuracy", "shape_accuracy", "joint_accuracy", "coverage_distance", "open_prompt_accuracy",
+           "pairwise_rms", "frechet_distance")
 
 
-def has_checkpoint(workdir: str, steps: int) -> bool:
-    return os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
+def distillations(lora_updates: int) -> dict:
+    """name -> config overrides of each distilled row."""
+    return {
+        "swiftbrush": [],
+        "sds_ablation": ["--config.vsd.use_lora_teacher=False"],
+        "no_x0_ablation": ["--config.vsd.student_x0_parameterization=False"],
+        f"two_time_scale_{lora_updates}": [f"--config.vsd.lora_updates_per_step={lora_updates}"],
+    }
 
 
-def train_missing(runs: str, steps: dict) -> dict:
-    """Start every distillation whose workdir lacks its final checkpoint, side by side; wall seconds each."""
-    procs, walls = {}, {}
-    for name, overrides in DISTILLATIONS.items():
-        workdir = os.path.join(runs, f"shapes_{name}")
-        if has_checkpoint(workdir, steps[name]):
-            print(f"reusing {workdir}", flush=True)
-            continue
-        cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", CONFIG, "--workdir", workdir,
-               f"--config.total_steps={steps[name]}", f"--config.checkpoint_every={steps[name]}"] + overrides
-        os.makedirs(workdir, exist_ok=True)
-        log = open(os.path.join(workdir, "train.log"), "w")
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log)
-        print("started", " ".join(cmd), flush=True)
-    for name, (proc, start, log) in procs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"{name} failed; see {log.name}")
-        walls[name] = time.time() - start
-        log.close()
-    return walls
+def train(runs: str, name: str, overrides: list, seed: int, steps: int) -> tuple:
+    """(workdir, wall seconds or None when reused) of one distillation."""
+    workdir = os.path.join(runs, f"shapes_{name}_seed{seed}")
+    if os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+        print(f"reusing {workdir}", flush=True)
+        return workdir, None
+    cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", CONFIG, "--workdir", workdir,
+           f"--config.seed={seed}", f"--config.total_steps={steps}", f"--config.checkpoint_every={steps}"] + overrides
+    os.makedirs(workdir, exist_ok=True)
+    print("running", " ".join(cmd), flush=True)
+    start = time.time()
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f"{name} seed {seed} failed; see {log.name}")
+    return workdir, time.time() - start
 
 
-def truth_row(prompts, seeds: int, size_px: int) -> dict:
+def truth_result(seeds: int, size_px: int, repeat: int) -> dict:
     """True renders from other seeds, scored like a model: what a perfect generator gets."""
-    images = ev.rendered_truth(prompts, seeds, size_px, seed=ev.TRUE_IMAGES_SEED + 5_000)
-    return {"description": "true renders (reference)", "steps": 0,
-            **ev.score_suite(images, prompts, seeds), "images": images}
+    prompts = shapes.all_prompts()
+    counts = ev.images_per_prompt(prompts, seeds)
+    images = ev.rendered_truth(prompts, counts, size_px, seed=ev.TRUE_IMAGES_SEED + 5_000 + 100 * repeat)
+    grid = np.stack([chunk[:seeds] for chunk in np.split(images, np.cumsum(counts)[:-1])])
+    return {"description": "true renders (reference)", **ev.score_suite(images, prompts, counts),
+            "images": grid.reshape((-1,) + images.shape[1:])}
+
+
+def summary(name: str, description: str, repeats: list) -> dict:
+    """Mean and standard deviation (ddof 1) of each column over the repeats."""
+    out = {"name": name, "description": description, "repeats": repeats}
+    for key in COLUMNS:
+        values = [r[key] for r in repeats if key in r]
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
+                        else float("nan"), "values": values}
+    return out
+
+
+def markdown(rows: list) -> str:
+    head = "| row | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1)
+    lines = [head]
+    for row in rows:
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k in COLUMNS]
+        lines.append(f"| {row['description']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs")
-    parser.add_argument("--main-steps", type=int, default=1500)
-    parser.add_argument("--ablation-steps", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=3, help="training seeds per distilled row")
+    parser.add_argument("--steps", type=int, default=0, help="distillation steps (0: the config's)")
+    parser.add_argument("--lora-updates", type=int, default=5, help="the two time-scale row's LoRA updates per step")
     parser.add_argument("--ddim-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=3.0, help="CFG of the teacher's DDIM row")
-    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--guidance", type=float, default=0.0, help="CFG of the teacher's DDIM row (0: the config's)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt and answering (colour, shape)")
+    parser.add_argument("--only", nargs="*", help="rows to run (default: all)")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    steps = {"swiftbrush": args.main_steps, "sds_ablation": args.ablation_steps, "no_x0_ablation": args.ablation_steps}
-    walls = train_missing(args.runs, steps)
 
-    rows = {
-        "teacher_ddim": dict(model=teacher_path(), steps=args.ddim_steps, guidance=args.guidance),
-        "teacher_1step": dict(model=teacher_path(), steps=1),
-    }
-    for name in DISTILLATIONS:
-        rows[name] = dict(model=os.path.join(args.runs, f"shapes_{name}"))
+    from swiftbrush_jax.config_base import load_config_file
+
+    config = load_config_file(CONFIG)
+    steps = args.steps or config.total_steps
+    guidance = args.guidance or config.vsd.guidance_scale
+    rows = {"teacher_ddim": dict(model=teacher_path(), steps=args.ddim_steps, guidance=guidance),
+            "teacher_1step": dict(model=teacher_path(), steps=1)}
+    rows.update({name: overrides for name, overrides in distillations(args.lora_updates).items()})
     os.makedirs(args.out, exist_ok=True)
-    prompts = shapes.all_prompts()
-    results = {}
-    for name, kwargs in rows.items():
-        result = ev.evaluate(seeds=args.seeds, **kwargs)
-        if name in steps:
-            result["description"] = f"{name} ({steps[name]} steps), 1 step"
-            result["train_steps"] = steps[name]
-            result["train_wall_s"] = walls.get(name)
-        results[name] = result
-        print(ev.table_row(result), flush=True)
-    results["truth"] = truth_row(prompts, args.seeds, results["teacher_1step"]["images"].shape[1])
-
-    lines = [ev.table_header()]
-    for name, result in results.items():
-        ev.write_grid(os.path.join(args.out, f"shapes_{name}.png"), result.pop("images"), args.seeds)
-        lines.append(ev.table_row(result))
-    table = "\n".join(lines) + "\n"
+    results = []
+    for name, spec in rows.items():
+        if args.only and name not in args.only:
+            continue
+        repeats, description = [], name
+        for r in range(args.repeats):
+            if isinstance(spec, dict):
+                result = ev.evaluate(seeds=args.seeds, noise_seed=ev.NOISE_SEED + r, **spec)
+                description = result["description"]
+            else:
+                workdir, wall = train(args.runs, name, spec, r, steps)
+                result = ev.evaluate(workdir, seeds=args.seeds, noise_seed=ev.NOISE_SEED + r)
+                result.update(train_seed=r, train_steps=steps, train_wall_s=wall)
+                description = f"{name} ({steps} steps), 1 step"
+            if r == 0:
+                ev.write_grid(os.path.join(args.out, f"shapes_{name}.png"), result["images"], args.seeds)
+            result.pop("images")
+            print(name, r, ev.table_row(result), flush=True)
+            repeats.append(result)
+        results.append(summary(name, description, repeats))
+    if not args.only:
+        truth = [truth_result(args.seeds, teacher_arch.IMAGE_PX, r) for r in range(args.repeats)]
+        ev.write_grid(os.path.join(args.out, "shapes_truth.png"), truth[0].pop("images"), args.seeds)
+        for t in truth[1:]:
+            t.pop("images")
+        results.append(summary("truth", "true renders (reference)", truth))
+    table = markdown(results)
     print(table)
-    with open(os.path.join(args.out, "shapes_table.md"), "w") as f:
+    suffix = "" if not args.only else "_" + "_".join(args.only)
+    with open(os.path.join(args.out, f"shapes_table{suffix}.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(args.out, "shapes_table.json"), "w") as f:
+    with open(os.path.join(args.out, f"shapes_table{suffix}.json"), "w") as f:
         json.dump(results, f, indent=2, sort_keys=True, default=lambda x: float(x) if np.isscalar(x) else str(x))
         f.write("\n")
 

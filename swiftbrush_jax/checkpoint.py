@@ -31,7 +31,7 @@ from . import distributed, storage
 CHANGEABLE_ON_RESUME = (
     "prompts", "prompt_column", "validation_prompts", "total_steps", "log_every", "checkpoint_every",
     "keep_checkpoints", "sample_every", "max_consecutive_skips", "mesh.*", "remat", "attention_query_block",
-    "microbatches", "teacher_dtype", "student_compute_dtype", "score_dtype", "score_precision",
+    "microbatches", "vsd.lora_updates_per_step", "teacher_dtype", "student_compute_dtype", "score_dtype", "score_precision",
     "*_optimizer.lr", "*_optimizer.warmup_steps", "*_optimizer.decay_steps", "*_optimizer.weight_decay",
     "*_optimizer.clip",
 )

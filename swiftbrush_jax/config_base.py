@@ -25,7 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.vsd = ml_collections.ConfigDict(dict(
         guidance_scale=4.5, lora_guidance_scale=4.5, t_min=20, t_max=980, lora_t_min=0, lora_t_max=999,
         uncond_prob=0.1, student_t=-1, ema_decay=0.9999,
-        use_lora_teacher=True, student_x0_parameterization=True))  # False/False: the paper's ablations
+        use_lora_teacher=True, student_x0_parameterization=True,  # False/False: the paper's ablations
+        lora_updates_per_step=1))  # >1: two time-scale updates, that many LoRA-teacher updates per student update
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=108.0, targets=("to_q", "to_v")))
     c.student_optimizer = ml_collections.ConfigDict(dict(
         lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))

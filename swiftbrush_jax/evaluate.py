@@ -8,10 +8,14 @@ Suites: ``shapes`` (below); ``coco2014`` and ``hps``, the papers' FID, CLIP
 score and HPSv2 (``swiftbrush_jax.paper_eval``, see its ``--help``).
 
 For every prompt of the shapes vocabulary (or the first --num-prompts) it
-draws --seeds latents from held-out noise seeds, generates, and scores with
-swiftbrush_jax.metrics: colour / shape / joint accuracy, diversity across
-seeds, and the Frechet distance to as many true renders (a seed range the
-teacher never saw) of the same prompts. Prints one table row, writes JSON.
+draws latents from held-out noise seeds, generates, and scores with
+swiftbrush_jax.metrics: colour / shape / joint accuracy on the fully
+specified prompts, accuracy of the named attributes and coverage_distance on
+the under-specified ones, diversity across seeds, and the Frechet distance
+to as many true renders (a seed range the teacher never saw) of the same
+prompts. A prompt gets --seeds images per (colour, shape) combination that
+answers it: 8 for "a red circle", 48 for "a circle", 144 for "a shape", so
+each combination is seen equally often. Prints one table row, writes JSON.
 """
 
 import argparse
@@ -33,14 +37,22 @@ TRUE_IMAGES_SEED = 20_000  # renders the teacher never saw
 BATCH = 128
 
 
-def rendered_truth(prompts: List[str], per_prompt: int, size_px: int, seed: int = TRUE_IMAGES_SEED) -> np.ndarray:
-    """per_prompt true renders of each prompt, random placement and background, prompt-major."""
+def images_per_prompt(prompts: List[str], seeds: int) -> List[int]:
+    """seeds images for each (colour, shape) combination a prompt allows."""
+    return [seeds * shapes.open_choices(prompt) for prompt in prompts]
+
+
+def rendered_truth(prompts: List[str], counts: List[int], size_px: int, seed: int = TRUE_IMAGES_SEED) -> np.ndarray:
+    """counts[i] true renders of prompt i, prompt-major: random placement and background, open attributes
+    drawn uniformly."""
     out = []
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, count) in enumerate(zip(prompts, counts)):
         color, shape = shapes.parse_caption(prompt)
-        attributes = shapes.sample_attributes(per_prompt, seed + index, size_px)
-        attributes["color"] = np.full(per_prompt, color)
-        attributes["shape"] = np.full(per_prompt, shape)
+        attributes = shapes.sample_attributes(count, seed + index, size_px)
+        if color is not None:
+            attributes["color"] = np.full(count, color)
+        if shape is not None:
+            attributes["shape"] = np.full(count, shape)
         out.append(shapes.render_batch(**attributes, size_px=size_px))
     return np.concatenate(out)
 
@@ -62,46 +74,52 @@ def make_generator(source: str, steps: Optional[int], guidance: Optional[float])
     return model, make_images(model, steps, guidance), description
 
 
-def generate_suite(model, generate, prompts: List[str], seeds: int) -> np.ndarray:
-    """uint8 images, prompt-major: seeds images per prompt from held-out noise."""
+def generate_suite(model, generate, prompts: List[str], counts: List[int], noise_seed: int = NOISE_SEED) -> np.ndarray:
+    """uint8 images, prompt-major: counts[i] images of prompt i from held-out noise."""
     from .sample import latent_shape
 
-    all_prompts = [p for p in prompts for _ in range(seeds)]
-    z = jax.random.normal(jax.random.PRNGKey(NOISE_SEED), (len(all_prompts),) + latent_shape(model))
-    cond = model.pipe.encode_text(all_prompts)
-    out = [to_uint8(generate(z[i:i + BATCH], cond[i:i + BATCH])) for i in range(0, len(z), BATCH)]
+    captions = [p for p, count in zip(prompts, counts) for _ in range(count)]
+    z = jax.random.normal(jax.random.PRNGKey(noise_seed), (len(captions),) + latent_shape(model))
+    out = []
+    for i in range(0, len(z), BATCH):
+        out.append(to_uint8(generate(z[i:i + BATCH], model.pipe.encode_text(captions[i:i + BATCH]))))
     return np.concatenate(out)
 
 
-def score_suite(images: np.ndarray, prompts: List[str], seeds: int) -> Dict[str, float]:
-    """Accuracy, diversity and Frechet distance of prompt-major images."""
-    captions = [p for p in prompts for _ in range(seeds)]
+def score_suite(images: np.ndarray, prompts: List[str], counts: List[int]) -> Dict[str, float]:
+    """Accuracy, coverage, diversity and Frechet distance of prompt-major images."""
+    captions = [p for p, count in zip(prompts, counts) for _ in range(count)]
     result = metrics.score(images, captions)
-    result.update(metrics.diversity(images.reshape((len(prompts), seeds) + images.shape[1:])))
-    truth = rendered_truth(prompts, seeds, images.shape[1])
+    result.update(metrics.diversity(np.split(images, np.cumsum(counts)[:-1])))
+    truth = rendered_truth(prompts, counts, images.shape[1])
     result["frechet_distance"] = metrics.frechet_distance(images, truth)
     return result
 
 
 def evaluate(model: str, steps: Optional[int] = None, guidance: Optional[float] = None, num_prompts: int = 0,
-             seeds: int = 8) -> Dict:
-    """Generate and score; returns the JSON record (metrics, settings, images for grids under "images")."""
+             seeds: int = 8, noise_seed: int = NOISE_SEED) -> Dict:
+    """Generate and score; returns the JSON record (metrics, settings, each prompt's first `seeds` images
+    under "images", for grids)."""
     prompts = shapes.all_prompts()
     prompts = prompts[:num_prompts] if num_prompts else prompts
     t0 = time.time()
     sampling_model, generate, description = make_generator(model, steps, guidance)
-    images = generate_suite(sampling_model, generate, prompts, seeds)
+    counts = images_per_prompt(prompts, seeds)
+    images = generate_suite(sampling_model, generate, prompts, counts, noise_seed)
     result = {"model": model, "description": description, "steps": steps, "guidance": guidance,
-              "num_prompts": len(prompts), "seeds": seeds, **score_suite(images, prompts, seeds),
-              "seconds": time.time() - t0}
-    return {**result, "images": images}
+              "num_prompts": len(prompts), "seeds": seeds, "noise_seed": noise_seed, "num_images": len(images),
+              **score_suite(images, prompts, counts), "seconds": time.time() - t0}
+    grid = np.stack([chunk[:seeds] for chunk in np.split(images, np.cumsum(counts)[:-1])])
+    return {**result, "images": grid.reshape((-1,) + images.shape[1:])}
 
 
-TABLE_COLUMNS = ("color_accuracy", "shape_accuracy", "joint_accuracy", "pairwise_rms", "frechet_distance")
+TABLE_COLUMNS = ("color_accuracy", "shape_accuracy", "joint_accuracy", "coverage_distance", "pairwise_rms",
+                 "frechet_distance")
 
 
 def table_row(result: Dict) -> str:
-    return "| " + " | ".join([result["description"]] + [f"{result[k]:.3f}" for k in TABLE_COLUMNS]) + " |"
+    cells = [f"{result[k]:.3f}" if k in result else "-" for k in TABLE_COLUMNS]
+    return "| " + " | ".join([result["description"]] + cells) + " |"
 
 
 def table_header() -> str:
@@ -126,10 +144,12 @@ def main(argv=None) -> None:
                         help="shapes: the laptop suite below; coco2014, hps: see swiftbrush_jax.paper_eval --help")
     parser.add_argument("--model", required=True, help="training workdir (student) or diffusers folder (teacher)")
     add_sampling_flags(parser)
-    parser.add_argument("--num-prompts", type=int, default=0, help="first P prompts of the vocabulary (0: all 18)")
-    parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
+    parser.add_argument("--num-prompts", type=int, default=0, help="first P prompts of the vocabulary: the 18 fully specified, then the 10 "
+                        "under-specified (0: all 28)")
+    parser.add_argument("--seeds", type=int, default=8,
+                        help="images per prompt and answering (colour, shape): 8 gives 'a circle' 48")
     parser.add_argument("--json", help="write the metrics here")
-    parser.add_argument("--grid", help="write an image grid PNG here (one row per prompt)")
+    parser.add_argument("--grid", help="write an image grid PNG here (one row per prompt, its first --seeds images)")
     args = parser.parse_args(argv)
     result = evaluate(args.model, args.steps, args.guidance, args.num_prompts, args.seeds)
     images = result.pop("images")
@@ -143,13 +163,17 @@ def main(argv=None) -> None:
         write_grid(args.grid, images, args.seeds)
 
 
+GRID_MIN_PX = 64
+
+
 def write_grid(path: str, images: np.ndarray, seeds: int) -> None:
-    """One row per prompt, one column per seed."""
+    """One row per prompt, one column per seed; small images enlarged (nearest) to at least GRID_MIN_PX."""
     from PIL import Image
 
     from .generate import image_grid
 
-    Image.fromarray(image_grid(images, seeds)).save(path)
+    factor = -(-GRID_MIN_PX // images.shape[1])
+    Image.fromarray(image_grid(images.repeat(factor, axis=1).repeat(factor, axis=2), seeds)).save(path)
 
 
 if __name__ == "__main__":

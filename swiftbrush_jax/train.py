@@ -96,6 +96,10 @@ def build_vsd(config, pipe) -> VSD:
         jax.default_matmul_precision(config.score_precision or None)
     except ValueError as e:
         raise UsageError(f"--config.score_precision={config.score_precision!r}: {e}") from None
+    updates = config.vsd.lora_updates_per_step
+    if updates < 1 or (updates > 1 and config.microbatches > 1):
+        raise UsageError(f"--config.vsd.lora_updates_per_step={updates}: use 1 or more, and 1 with microbatches > 1 "
+                         f"(the further LoRA updates run on the whole batch at once)")
     latent = config.get("latent_size") or unet_config.sample_size
     return VSD(
         student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,

@@ -38,6 +38,10 @@ class VSDConfig:
     # and a student whose output is taken as x0 directly instead of x0 = (z - s_T e) / a_T.
     use_lora_teacher: bool = True
     student_x0_parameterization: bool = True
+    # Two time-scale updates (DMD2's TTUR): the LoRA teacher takes this many Adam steps per student step.
+    # The first uses the step's own samples; each further one draws fresh student samples (the updated
+    # student, the same prompts) with fresh noise, timesteps and prompt dropout.
+    lora_updates_per_step: int = 1
 
 
 class TrainState(struct.PyTreeNode):
@@ -265,15 +269,45 @@ class VSD:
         return new_state, {**metrics, **norms, "finite": finite, "ema_decay": decay,
                            "skip_streak": new_state.skip_streak}
 
+    def extra_lora_updates(self, state: TrainState, frozen: Frozen, cond, rng, step) -> tuple:
+        """The LoRA teacher's further ``lora_updates_per_step - 1`` updates, each on fresh student samples.
+
+        An update whose loss or gradient is not finite is dropped (counted in ``skipped``, not in the
+        streak: the student's update decides that). ``step`` sets the learning rate, as for the step's
+        first update. Returns (state, mean LoRA loss of these updates)."""
+        cond = cond.astype(jnp.float32)
+
+        def one_update(carry, key):
+            lora, lora_opt, skipped = carry
+            noise = self.draw(key, cond.shape[0])
+            x0 = jax.lax.stop_gradient(self.student_x0(state.student, noise.z, cond))
+            loss, grads = jax.value_and_grad(self.lora_loss)(lora, frozen.teacher, x0, cond, frozen.uncond, noise)
+            updates, new_opt = self.lora_tx.update(grads, lora_opt, lora, step=step)
+            finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+            carry = (keep(optax.apply_updates(lora, updates), lora), keep(new_opt, lora_opt),
+                     skipped + (~finite).astype(jnp.int32))
+            return carry, loss
+
+        keys = jax.random.split(rng, self.config.lora_updates_per_step - 1)
+        (lora, lora_opt, skipped), losses = jax.lax.scan(one_update, (state.lora, state.lora_opt, state.skipped),
+                                                         keys)
+        return state.replace(lora=lora, lora_opt=lora_opt, skipped=skipped), jnp.mean(losses)
+
     def train_step(self, state: TrainState, frozen: Frozen, token_ids):
         """One full SwiftBrush update from a batch of prompt token ids."""
         rng, step_rng = jax.random.split(state.rng)
+        step = state.step
         cond = self.text_encoder.apply({"params": frozen.text}, token_ids)
         noise = self.draw(step_rng, token_ids.shape[0])
         grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
         metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond, frozen.uncond,
                                                       noise)
-        return self.apply_grads(state, student_grads, lora_grads, metrics, rng)
+        state, metrics = self.apply_grads(state, student_grads, lora_grads, metrics, rng)
+        if self.config.lora_updates_per_step > 1:
+            extra_rng = jax.random.fold_in(step_rng, 1)
+            state, metrics["loss_lora_extra"] = self.extra_lora_updates(state, frozen, cond, extra_rng, step)
+        return state, metrics
 
     def jit_train_step(self, state_shardings, frozen_shardings, batch_sharding, replicated) -> Callable:
         """The step compiled once with explicit shardings; the state's buffers are donated.

@@ -42,15 +42,25 @@ def other_dataset():
 
 def test_vocabulary_and_captions():
     prompts = shapes.all_prompts()
-    assert len(prompts) == len(set(prompts)) == len(shapes.COLORS) * len(shapes.SHAPES)
+    specified, open_ = shapes.specified_prompts(), shapes.open_prompts()
+    assert prompts == specified + open_ and len(prompts) == len(set(prompts)) == 18 + 10
     assert shapes.caption("red", "circle") == "a red circle"
-    for prompt in prompts:
+    assert [shapes.caption(None, "circle"), shapes.caption("red", None), shapes.caption(None, None)] == [
+        "a circle", "a red shape", "a shape"]
+    for prompt in specified:
         color, shape = shapes.parse_caption(prompt)
         assert shapes.caption(shapes.COLOR_NAMES[color], shapes.SHAPES[shape]) == prompt
-    with pytest.raises(ValueError):
-        shapes.caption("purple", "circle")
-    with pytest.raises(ValueError):
-        shapes.parse_caption("a red hexagon")
+        assert shapes.open_choices(prompt) == 1
+    for prompt in open_:
+        color, shape = shapes.parse_caption(prompt)
+        assert None in (color, shape)
+        assert shapes.caption(None if color is None else shapes.COLOR_NAMES[color],
+                              None if shape is None else shapes.SHAPES[shape]) == prompt
+    assert [shapes.open_choices(p) for p in ("a circle", "a red shape", "a shape")] == [6, 3, 18]
+    for bad in (lambda: shapes.caption("purple", "circle"), lambda: shapes.parse_caption("a red hexagon"),
+                lambda: shapes.parse_caption("a purple shape"), lambda: shapes.parse_caption("two red circles")):
+        with pytest.raises(ValueError):
+            bad()
 
 
 def test_sample_dataset_is_deterministic_by_seed(dataset, other_dataset):
@@ -62,7 +72,7 @@ def test_sample_dataset_is_deterministic_by_seed(dataset, other_dataset):
     assert not np.array_equal(images, different)
     assert captions[0] == shapes.caption(shapes.COLOR_NAMES[attributes["color"][0]],
                                          shapes.SHAPES[attributes["shape"][0]])
-    assert set(captions) == set(shapes.all_prompts())
+    assert set(captions) == set(shapes.specified_prompts())
 
 
 def test_render_draws_the_shape_on_its_background():
@@ -177,3 +187,44 @@ def test_frechet_distance_orders_image_sets(dataset, other_dataset):
     assert independent < 0.2
     assert blurred > 2.5 * independent
     assert constant > 10.0 * independent
+
+
+def _renders_of(prompt, n, seed, **fixed):
+    """n true renders of a caption, its open attributes drawn uniformly (or fixed by keyword)."""
+    color, shape = shapes.parse_caption(prompt)
+    attributes = shapes.sample_attributes(n, seed, 32)
+    for key, value in (("color", color), ("shape", shape)):
+        if value is not None:
+            attributes[key] = np.full(n, value)
+    for key, value in fixed.items():
+        attributes[key] = np.full(n, value)
+    return shapes.render_batch(**attributes, size_px=32)
+
+
+def test_coverage_distance_of_true_and_collapsed_generators():
+    """True renders of the under-specified prompts cover them (distance near the sampling noise); all of "a
+    circle" in red is 5/6 away, all of "a shape" one combination 17/18; fully specified prompts only score
+    accuracy, and the accuracies ignore the under-specified prompts."""
+    prompts = ["a circle", "a blue shape", "a shape"]
+    n = {p: 24 * shapes.open_choices(p) for p in prompts}
+    true = np.concatenate([_renders_of(p, n[p], i) for i, p in enumerate(prompts)])
+    captions = [p for p in prompts for _ in range(n[p])]
+    result = metrics.score(true, captions)
+    assert result["open_prompt_accuracy"] == 1.0 and "joint_accuracy" not in result
+    noise = np.mean([0.4 * np.sqrt((shapes.open_choices(p) - 1) / n[p]) for p in prompts])
+    assert result["coverage_distance"] < 2 * noise, (result, noise)
+
+    collapsed = np.concatenate([_renders_of("a circle", n["a circle"], 7, color=0),
+                                _renders_of("a blue shape", n["a blue shape"], 8, shape=1),
+                                _renders_of("a shape", n["a shape"], 9, color=2, shape=2)])
+    result = metrics.score(collapsed, captions)
+    assert result["coverage_distance"] == pytest.approx(np.mean([5 / 6, 2 / 3, 17 / 18]))
+
+    blank = np.full((n["a circle"], 32, 32, 3), 80, np.uint8)  # no shape found: an outcome the truth lacks
+    assert metrics.score(blank, ["a circle"] * len(blank))["coverage_distance"] == pytest.approx(1.0)
+
+    mixed = metrics.score(np.concatenate([true[:6], _renders_of("a red square", 6, 3)]),
+                          ["a circle"] * 6 + ["a red square"] * 6)
+    assert mixed["joint_accuracy"] == 1.0 and "coverage_distance" in mixed
+    with pytest.raises(ValueError):
+        metrics.coverage_distance(metrics.analyze(true[:6]), ["a red square"] * 6)

@@ -41,6 +41,28 @@ def test_make_teacher_writes_the_shipped_tokenizer(tmp_path):
             assert json.load(made) == json.load(shipped) if name.endswith(".json") else made.read() == shipped.read()
 
 
+def test_make_teacher_writes_the_shipped_architecture(tmp_path):
+    """Every component config make_teacher writes is the shipped one (the VAE's scaling factor is measured on
+    the encoded data, so it alone is left out)."""
+    from swiftbrush_jax.models.unet import unet_config_to_diffusers
+    from swiftbrush_jax.toy import make_teacher
+
+    def shipped(*path):
+        with open(os.path.join(teacher_path(), *path)) as f:
+            return json.load(f)
+
+    as_json = lambda config: json.loads(json.dumps(config))
+    _, vocab_size = make_teacher.write_tokenizer(str(tmp_path))
+    vae = shipped("vae", "config.json")
+    assert 0.1 < vae.pop("scaling_factor") < 10.0
+    made_vae = as_json(make_teacher.vae_config().to_diffusers())
+    made_vae.pop("scaling_factor")
+    assert made_vae == vae
+    assert as_json(unet_config_to_diffusers(make_teacher.unet_config())) == shipped("unet", "config.json")
+    assert as_json(make_teacher.text_config(vocab_size).to_transformers()) == shipped("text_encoder", "config.json")
+    assert shipped("scheduler", "scheduler_config.json") == teacher_arch.SCHEDULER
+
+
 def test_teacher_ddim_draws_the_prompted_colour():
     result = ev.evaluate(teacher_path(), steps=25, guidance=3.0, num_prompts=6, seeds=2)
     assert result["images"].shape == (12, teacher_arch.IMAGE_PX, teacher_arch.IMAGE_PX, 3)

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import traverse_util
@@ -15,7 +16,7 @@ from swiftbrush_jax.lora import init_lora
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
 from swiftbrush_jax.tiny import SD21_SCHEDULER
-from swiftbrush_jax.vsd import VSD, Noise, VSDConfig, make_optimizer
+from swiftbrush_jax.vsd import VSD, Frozen, Noise, VSDConfig, make_optimizer
 from swiftbrush_jax.weights import params_to_state_dict
 
 RANK, ALPHA, B, HW = 4, 8.0, 2, 8
@@ -362,4 +363,33 @@ def test_nonfinite_update_is_skipped(setup):
     assert not bool(out["finite"]) and int(new.skipped) == 1 and int(new.skip_streak) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves((state.student, state.ema, state.lora, state.student_opt)),
                     jax.tree_util.tree_leaves((new.student, new.ema, new.lora, new.student_opt))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_time_scale_lora_updates(setup):
+    """lora_updates_per_step = 3: two further LoRA updates, each on its own fresh student samples and noise, at
+    the step's learning rate; the student, its EMA and its optimizer are left alone."""
+    s = setup
+    vsd = dataclasses.replace(s["vsd"], config=VSDConfig(lora_updates_per_step=3))
+    state = vsd.init_state(jax.random.PRNGKey(0), s["student"], s["lora"]).replace(step=jnp.int32(7))
+    cond = jnp.asarray(s["inputs"]["cond"].numpy())
+    frozen = Frozen(teacher=s["teacher"], text=None, uncond=jnp.asarray(s["inputs"]["uncond"].numpy()))
+    rng = jax.random.PRNGKey(11)
+    new, mean_loss = jax.jit(vsd.extra_lora_updates)(state, frozen, cond, rng, state.step)
+
+    lora, opt, losses, draws = state.lora, state.lora_opt, [], []
+    for key in jax.random.split(rng, 2):
+        noise = vsd.draw(key, B)
+        draws.append(noise)
+        x0 = vsd.student_x0(state.student, noise.z, cond)
+        loss, grads = jax.value_and_grad(vsd.lora_loss)(lora, s["teacher"], x0, cond, frozen.uncond, noise)
+        updates, opt = vsd.lora_tx.update(grads, opt, lora, step=jnp.int32(7))
+        lora, losses = optax.apply_updates(lora, updates), losses + [loss]
+    assert not np.allclose(draws[0].z, draws[1].z) and not np.array_equal(draws[0].t_lora, draws[1].t_lora)
+    for a, b in zip(jax.tree_util.tree_leaves(lora), jax.tree_util.tree_leaves(new.lora)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=2e-6)  # lr 1e-3 steps
+    assert float(mean_loss) == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    assert rel(jax.tree_util.tree_leaves(new.lora)[0], jax.tree_util.tree_leaves(state.lora)[0]) > 1e-4
+    for a, b in zip(jax.tree_util.tree_leaves((state.student, state.ema, state.student_opt, state.step)),
+                    jax.tree_util.tree_leaves((new.student, new.ema, new.student_opt, new.step))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

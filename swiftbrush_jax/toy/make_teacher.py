@@ -8,8 +8,9 @@ Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents
 A stage whose component folder already exists in --out is loaded instead of
 retrained, so an interrupted run resumes at the stage it was in. The result
 is a deterministic function of the seeds below (on one platform).
-Cost of the shipped teacher: about 13 CPU-minutes for VAE + UNet plus the decoder
-fine-tune (README.md, "The shapes teacher").
+With --snapshot-every N, the UNet stage writes its EMA so far every N steps
+to <out>/snapshot/, a complete diffusers folder that evaluate can score while
+training goes on. Cost of the shipped teacher: README.md, "The shapes teacher".
 """
 
 import argparse
@@ -28,15 +29,15 @@ from ..pipeline import load_tokenizer
 from ..schedule import NoiseSchedule
 from . import shapes
 from . import teacher_arch as arch
-from .teacher_training import (StageConfig, encode_dataset, finetune_decoder, init_params, latent_scaling_factor,
-                               train_denoiser, train_vae)
+from .teacher_training import (StageConfig, caption_rows, encode_dataset, finetune_decoder, init_params,
+                               latent_scaling_factor, train_denoiser, train_vae)
 
-VAE_STAGE = StageConfig(steps=500, batch_size=16, lr=1e-3, warmup_steps=50, seed=1)
+VAE_STAGE = StageConfig(steps=1000, batch_size=16, lr=1e-3, warmup_steps=50, seed=1)
 DECODER_STAGE = StageConfig(steps=600, batch_size=16, lr=1e-3, warmup_steps=20, seed=4)
 VAE_KL_WEIGHT = 1e-4  # per latent element, against a per-pixel L1: keeps the posterior nearly deterministic
-DENOISER_STAGE = StageConfig(steps=1400, batch_size=32, lr=1e-3, warmup_steps=100, seed=2)
-DENOISER_EMA = 0.995
-TRAIN_IMAGES, TRAIN_IMAGES_SEED = 8192, 3
+DENOISER_STAGE = StageConfig(steps=5000, batch_size=64, lr=1e-3, warmup_steps=200, seed=2)
+DENOISER_EMA = 0.999
+TRAIN_IMAGES, TRAIN_IMAGES_SEED = 32768, 3
 INIT_SEED = 0
 
 
@@ -52,13 +53,25 @@ def write_tokenizer(out: str) -> tuple:
     return tokenizer(prompts, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True).input_ids, len(tokenizer)
 
 
+def vae_config() -> VAEConfig:
+    return VAEConfig.from_diffusers(arch.VAE)
+
+
+def unet_config() -> UNetConfig:
+    return UNetConfig.from_diffusers(arch.UNET)
+
+
+def text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch.TEXT)
+
+
 def make_vae(out: str, vae_steps: int, decoder_steps: int):
     """Stage 1 (VAE, then its decoder alone), or the VAE already in --out; returns (module, params)."""
     folder = os.path.join(out, "vae")
     if os.path.exists(os.path.join(folder, "config.json")):
         print(f"[vae] reusing {folder}", flush=True)
         return load_vae(folder)
-    config = VAEConfig.from_diffusers(arch.VAE)
+    config = vae_config()
     vae = AutoencoderKL(config)
     params = init_params(vae, INIT_SEED, jnp.zeros((1, arch.IMAGE_PX, arch.IMAGE_PX, 3)))
     params = train_vae(vae, params, dataclasses.replace(VAE_STAGE, steps=vae_steps), VAE_KL_WEIGHT, arch.IMAGE_PX)
@@ -70,31 +83,51 @@ def make_vae(out: str, vae_steps: int, decoder_steps: int):
     return AutoencoderKL(config), params
 
 
-def make_denoiser(out: str, vae, vae_params, token_ids, vocab_size: int, unet_steps: int) -> None:
+def write_denoiser(out: str, text_config, unet_config, params) -> None:
+    """text_encoder/ and unet/ of a diffusers folder."""
+    dio.write_component(os.path.join(out, "text_encoder"), text_config.to_transformers(), params["text"],
+                        dio.TEXT_WEIGHTS)
+    dio.write_component(os.path.join(out, "unet"), unet_config_to_diffusers(unet_config), params["unet"],
+                        dio.UNET_WEIGHTS)
+
+
+def write_snapshot(out: str, text_config, unet_config, step: int, params) -> None:
+    """<out>/snapshot/: the denoiser so far beside links to the finished parts, a folder evaluate can load."""
+    folder = os.path.join(out, "snapshot")
+    os.makedirs(folder, exist_ok=True)
+    for part in ("vae", "tokenizer"):
+        if not os.path.exists(os.path.join(folder, part)):
+            os.symlink(os.path.abspath(os.path.join(out, part)), os.path.join(folder, part))
+    dio.write_scheduler(folder, arch.SCHEDULER)
+    write_denoiser(folder, text_config, unet_config, params)
+    dio.write_model_index(folder, "DDPMScheduler")
+    print(f"[unet] snapshot of step {step} in {folder}", flush=True)
+
+
+def make_denoiser(out: str, vae, vae_params, token_ids, vocab_size: int, unet_steps: int,
+                  snapshot_every: int = 0) -> None:
     """Stage 2: trains and writes unet/ and text_encoder/."""
-    images, captions, _ = shapes.sample_dataset(TRAIN_IMAGES, TRAIN_IMAGES_SEED, arch.IMAGE_PX)
+    images, _, attributes = shapes.sample_dataset(TRAIN_IMAGES, TRAIN_IMAGES_SEED, arch.IMAGE_PX)
     means, stds = encode_dataset(vae, vae_params, images)
     scale = vae.config.scaling_factor
-    prompts = shapes.all_prompts()
-    prompt_index = np.array([prompts.index(c) for c in captions])
+    rows = caption_rows(attributes, shapes.all_prompts())
 
-    text_config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=1, **arch.TEXT)
-    text_encoder = CLIPTextModel(text_config)
-    unet_config = UNetConfig.from_diffusers(arch.UNET)
-    unet = UNet2DConditionModel(unet_config)
+    text = text_config(vocab_size)
+    text_encoder = CLIPTextModel(text)
+    unet_arch = unet_config()
+    unet = UNet2DConditionModel(unet_arch)
     params = {
         "text": init_params(text_encoder, INIT_SEED + 1, jnp.zeros((1, arch.MAX_TOKENS), jnp.int32)),
-        "unet": init_params(unet, INIT_SEED + 2, jnp.zeros((1, arch.LATENT_PX, arch.LATENT_PX, 4)),
+        "unet": init_params(unet, INIT_SEED + 2, jnp.zeros((1, arch.LATENT_PX, arch.LATENT_PX, unet_arch.in_channels)),
                             jnp.zeros((1,), jnp.int32), jnp.zeros((1, arch.MAX_TOKENS, arch.TEXT["hidden_size"]))),
     }
     schedule = NoiseSchedule.from_config(arch.SCHEDULER)
     stage = dataclasses.replace(DENOISER_STAGE, steps=unet_steps)
-    ema = train_denoiser(unet, text_encoder, params, (means * scale, stds * scale), prompt_index,
-                         np.asarray(token_ids, np.int32), schedule, stage, DENOISER_EMA)
-    dio.write_component(os.path.join(out, "text_encoder"), text_config.to_transformers(), ema["text"],
-                        dio.TEXT_WEIGHTS)
-    dio.write_component(os.path.join(out, "unet"), unet_config_to_diffusers(unet_config), ema["unet"],
-                        dio.UNET_WEIGHTS)
+    snapshot = lambda step, ema: write_snapshot(out, text, unet_arch, step, ema)
+    ema = train_denoiser(unet, text_encoder, params, (means * scale, stds * scale), rows,
+                         np.asarray(token_ids, np.int32), schedule, stage, DENOISER_EMA,
+                         on_snapshot=snapshot, snapshot_every=snapshot_every)
+    write_denoiser(out, text, unet_arch, ema)
 
 
 def main(argv=None) -> None:
@@ -103,12 +136,14 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=VAE_STAGE.steps)
     parser.add_argument("--decoder-steps", type=int, default=DECODER_STAGE.steps)
     parser.add_argument("--unet-steps", type=int, default=DENOISER_STAGE.steps)
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="write the UNet stage's EMA so far to <out>/snapshot/ every N steps (0: never)")
     args = parser.parse_args(argv)
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     token_ids, vocab_size = write_tokenizer(args.out)
     vae, vae_params = make_vae(args.out, args.vae_steps, args.decoder_steps)
-    make_denoiser(args.out, vae, vae_params, token_ids, vocab_size, args.unet_steps)
+    make_denoiser(args.out, vae, vae_params, token_ids, vocab_size, args.unet_steps, args.snapshot_every)
     dio.write_scheduler(args.out, arch.SCHEDULER)
     dio.write_model_index(args.out, "DDPMScheduler")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", flush=True)

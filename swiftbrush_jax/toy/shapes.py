@@ -6,6 +6,12 @@ read them back even from blurred, noisy generations: six saturated colours
 60 degrees of hue apart on backgrounds that stay dark-to-mid grey, and three
 shapes whose areas and outlines differ clearly at equal bounding box.
 
+Captions may also leave attributes open: "a circle" (any colour), "a red
+shape" (any shape), "a shape" (anything). The images that answer such a
+caption draw the open attributes uniformly, so a generator that covers the
+world gives each colour 1/6 of its "a circle" images; the evaluation's
+coverage_distance measures how far it is from that.
+
 Geometry, in pixel units with pixel (i, j) centred at (j + 0.5, i + 0.5):
 `size` is the half-extent of the shape's bounding box, which is centred on
 (cx, cy). The circle has radius `size`, the square half-side `size`, the
@@ -14,7 +20,7 @@ y = cy + size from cx - size to cx + size.
 """
 
 import re
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -60,30 +66,60 @@ class Background(NamedTuple):
     slope: Tuple[float, float]
 
 
-def caption(color: str, shape: str) -> str:
-    """The caption of an image holding one `color` `shape`."""
-    if color not in COLORS or shape not in SHAPES:
+OPEN_WORD = "shape"  # stands for the shape when a caption leaves it open: "a red shape", "a shape"
+
+
+def caption(color: Optional[str], shape: Optional[str]) -> str:
+    """The caption of an image holding one `color` `shape`; an attribute given as None is left open.
+
+    "a red circle", "a circle" (any colour), "a red shape" (any shape), "a shape" (anything).
+    """
+    if (color is not None and color not in COLORS) or (shape is not None and shape not in SHAPES):
         raise ValueError(f"unknown colour or shape: {color!r}, {shape!r}")
-    return f"a {color} {shape}"
+    return " ".join(["a"] + ([color] if color else []) + [shape or OPEN_WORD])
 
 
-def all_prompts() -> List[str]:
-    """Every colour x shape caption, colour-major, in vocabulary order."""
+def specified_prompts() -> List[str]:
+    """The 18 fully specified captions, colour-major."""
     return [caption(color, shape) for color in COLOR_NAMES for shape in SHAPES]
 
 
-_CAPTION_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s*$", re.IGNORECASE)
+def open_prompts() -> List[str]:
+    """The 10 under-specified captions: "a <shape>" (colour open), "a <colour> shape" (shape open), "a shape"."""
+    return ([caption(None, shape) for shape in SHAPES] + [caption(color, None) for color in COLOR_NAMES]
+            + [caption(None, None)])
 
 
-def parse_caption(text: str) -> Tuple[int, int]:
-    """(colour index, shape index) named by a caption of the form "a <colour> <shape>"."""
+def all_prompts() -> List[str]:
+    """The world's vocabulary: the fully specified captions, then the under-specified ones."""
+    return specified_prompts() + open_prompts()
+
+
+def captions_of(color: np.ndarray, shape: np.ndarray, keep_color: np.ndarray, keep_shape: np.ndarray) -> List[str]:
+    """Captions of images with these colour and shape indices, naming each attribute only where keep_* is set."""
+    return [caption(COLOR_NAMES[c] if kc else None, SHAPES[s] if ks else None)
+            for c, s, kc, ks in zip(color, shape, keep_color, keep_shape)]
+
+
+_CAPTION_RE = re.compile(r"^\s*an?\s+(?:(\w+)\s+)?(\w+)\s*$", re.IGNORECASE)
+
+
+def parse_caption(text: str) -> Tuple[Optional[int], Optional[int]]:
+    """(colour index, shape index) named by a caption "a [<colour>] <shape>|shape"; None where left open."""
     match = _CAPTION_RE.match(text)
     if not match:
         raise ValueError(f"not a shapes caption: {text!r}")
-    color, shape = match.group(1).lower(), match.group(2).lower()
-    if color not in COLORS or shape not in SHAPES:
+    color, shape = (match.group(1) or "").lower() or None, match.group(2).lower()
+    if (color is not None and color not in COLORS) or (shape != OPEN_WORD and shape not in SHAPES):
         raise ValueError(f"unknown colour or shape in caption: {text!r}")
-    return COLOR_NAMES.index(color), SHAPES.index(shape)
+    return (None if color is None else COLOR_NAMES.index(color),
+            None if shape == OPEN_WORD else SHAPES.index(shape))
+
+
+def open_choices(prompt: str) -> int:
+    """How many (colour, shape) combinations answer a caption: 1 when fully specified, 18 for "a shape"."""
+    color, shape = parse_caption(prompt)
+    return (len(COLOR_NAMES) if color is None else 1) * (len(SHAPES) if shape is None else 1)
 
 
 def pixel_centres(size_px: int) -> np.ndarray:

@@ -1,14 +1,16 @@
 """Architecture of the shapes teacher: Stable Diffusion's component classes at laptop size.
 
-32 px RGB images; an AutoencoderKL with three levels (32 -> 8 px, 4 latent
-channels, 12x compression, SD's is 48x); a 2-level UNet2DConditionModel with
-cross-attention in every block (8x8 and 4x4 latents); a 2-layer CLIP text
-encoder over a 16-token context; SD 2.1's DDPM schedule, epsilon prediction.
-Every dict here is what diffusers/transformers read from config.json.
+32 px RGB images; an AutoencoderKL with two levels (32 -> 16 px, 4 latent
+channels, 3x compression; SD's is 48x, but at 8x8 latents the shipped
+decoder could not draw a triangle); a 3-level UNet2DConditionModel over 16x16
+latents, plain convolutions at 16x16 and cross-attention at 8x8 and 4x4, where
+a shape's colour and outline are decided; a 2-layer CLIP text encoder over a
+16-token context; SD 2.1's DDPM schedule, epsilon prediction. Every dict here
+is what diffusers/transformers read from config.json.
 """
 
 IMAGE_PX = 32
-LATENT_PX = 8
+LATENT_PX = 16
 MAX_TOKENS = 16
 
 # The teacher's BPE tokenizer, written out: the merges a ``tokenizers`` trainer found on the captions when
@@ -22,17 +24,18 @@ TOKENIZER_MERGES = (
     "t rian", "ar e</w>", "ci rcle</w>", "squ are</w>", "trian gle</w>", "a g", "a n</w>", "b l", "c y", "e l",
     "e n", "e n</w>", "g re", "l o", "m ag", "t a</w>", "u e</w>", "y el", "re d</w>", "bl ue</w>", "cy an</w>",
     "en ta</w>", "gre en</w>", "lo w</w>", "mag enta</w>", "yel low</w>",
+    "s h", "p e</w>", "sh a", "sha pe</w>",
 )
 
 VAE = dict(
-    block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-    sample_size=IMAGE_PX, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+    sample_size=IMAGE_PX, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
 )
 UNET = dict(
-    sample_size=LATENT_PX, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=(1, 2), cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
+    sample_size=LATENT_PX, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(1, 2, 2), cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
     flip_sin_to_cos=True, freq_shift=0,
 )
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

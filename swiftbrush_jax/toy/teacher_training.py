@@ -5,14 +5,16 @@ reconstruction plus a small KL term, sampled posterior, as in LDM without
 the perceptual and GAN losses), then fine-tunes its decoder alone on
 posterior means for sharper edges. Stage 2 encodes a fixed set of renders once
 and trains the UNet and the CLIP text encoder jointly on the scaled latents
-with the epsilon objective, replacing 10% of the captions by "" so that
-classifier-free guidance works. Both stages use Adam with warm-up and cosine
+with the epsilon objective. Each time an image is drawn its caption names
+both attributes or leaves colour, shape or both open (CAPTION_VARIANTS), so
+the teacher learns "a circle" as the uniform mixture over colours; 10% of
+the captions are replaced by "" so that classifier-free guidance works. Both stages use Adam with warm-up and cosine
 decay and are deterministic functions of their seeds.
 """
 
 import dataclasses
 import time
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,9 @@ from .. import schedule as sched
 from . import shapes
 
 EMPTY_PROMPT_PROB = 0.1
+# How often a drawn image's caption is "a red circle", "a circle", "a red shape", "a shape" (before the ""
+# replacement): the open captions together a little under half, as they are 10 of the 28 prompts.
+CAPTION_VARIANTS = (0.55, 0.15, 0.15, 0.15)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,29 +132,44 @@ def latent_scaling_factor(means: np.ndarray) -> float:
     return float(1.0 / means.std())
 
 
+def caption_rows(attributes: Dict[str, np.ndarray], prompts) -> np.ndarray:
+    """(n, 4) rows of `prompts` captioning image i in each CAPTION_VARIANTS way."""
+    color, shape = attributes["color"], attributes["shape"]
+    yes, no = np.ones(len(color), bool), np.zeros(len(color), bool)
+    variants = [(yes, yes), (no, yes), (yes, no), (no, no)]
+    return np.stack([[prompts.index(c) for c in shapes.captions_of(color, shape, keep_color, keep_shape)]
+                     for keep_color, keep_shape in variants], axis=1)
+
+
 def train_denoiser(unet, text_encoder, params: Dict, latents: Tuple[np.ndarray, np.ndarray],
-                   prompt_index: np.ndarray, token_ids: np.ndarray, schedule: sched.NoiseSchedule,
-                   stage: StageConfig, ema_decay: float, log_every: int = 100) -> Dict:
+                   rows: np.ndarray, token_ids: np.ndarray, schedule: sched.NoiseSchedule,
+                   stage: StageConfig, ema_decay: float, log_every: int = 100,
+                   on_snapshot: Optional[Callable[[int, Dict], None]] = None, snapshot_every: int = 0) -> Dict:
     """Stage 2: epsilon-prediction training of {"unet", "text"} params; returns their EMA.
 
     latents: (mean, std) of the scaled latents of the training images;
-    prompt_index[i] is the row of token_ids holding image i's caption, and the
-    last row of token_ids is the empty prompt, used with probability 0.1.
+    rows[i] are the rows of token_ids holding image i's captions (caption_rows),
+    one drawn per use with CAPTION_VARIANTS' odds; the last row of token_ids is
+    the empty prompt, used with probability 0.1. Every snapshot_every steps the
+    EMA so far is handed to on_snapshot(step, ema), to judge a long run early.
     """
     tx = adam(stage)
     means, stds = (jnp.asarray(a) for a in latents)
     ids = jnp.asarray(token_ids)
-    prompt_index = jnp.asarray(prompt_index)
+    rows = jnp.asarray(rows)
+    variant_logits = jnp.log(jnp.asarray(CAPTION_VARIANTS))
     empty = len(token_ids) - 1
     n_train = schedule.num_train_timesteps
 
     def loss_fn(p, idx, key):
-        k_z, k_t, k_eps, k_drop = jax.random.split(key, 4)
+        k_z, k_t, k_eps, k_drop, k_variant = jax.random.split(key, 5)
         x0 = means[idx] + stds[idx] * jax.random.normal(k_z, means[idx].shape)
         t = jax.random.randint(k_t, (len(idx),), 0, n_train)
         eps = jax.random.normal(k_eps, x0.shape)
-        rows = jnp.where(jax.random.uniform(k_drop, (len(idx),)) < EMPTY_PROMPT_PROB, empty, prompt_index[idx])
-        context = text_encoder.apply({"params": p["text"]}, ids[rows])
+        variant = jax.random.categorical(k_variant, variant_logits, shape=(len(idx),))
+        caption = rows[idx, variant]
+        caption = jnp.where(jax.random.uniform(k_drop, (len(idx),)) < EMPTY_PROMPT_PROB, empty, caption)
+        context = text_encoder.apply({"params": p["text"]}, ids[caption])
         out = unet.apply({"params": p["unet"]}, sched.add_noise(schedule, x0, eps, t), t, context)
         return jnp.mean((out - sched.target(schedule, x0, eps, t)) ** 2)
 
@@ -174,6 +194,8 @@ def train_denoiser(unet, text_encoder, params: Dict, latents: Tuple[np.ndarray, 
         if (step + 1) % log_every == 0 or step + 1 == stage.steps:
             log_progress("unet", step + 1, stage.steps, float(jnp.mean(jnp.stack(running))), t0)
             running = []
+        if on_snapshot and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < stage.steps:
+            on_snapshot(step + 1, ema)
     return ema
 
 
