@@ -108,3 +108,39 @@ def test_unsupported_hidden_act_is_named(saved, tmp_path):
         json.dump(dict(config, hidden_act="gelu_new"), f)
     with pytest.raises(UnsupportedConfigError, match="hidden_act='gelu_new'"):
         load_text_encoder(broken)
+
+
+@pytest.mark.parametrize("act, eos", [("gelu", 1), ("quick_gelu", 2)])
+def test_clip_image_and_text_features_parity(tmp_path, act, eos):
+    """Both projected towers of a random transformers CLIPModel (every tensor perturbed), through our loader:
+    the image features of NHWC pixels, the text features pooled at end-of-text (the legacy eos id 2 pools at
+    the largest id), and their cosine."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from reference import randomize
+    from swiftbrush_jax.models.clip_model import cosine, load_clip_model
+
+    text = dict(TEXT_CONFIGS["sd21"], hidden_act=act, eos_token_id=eos)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8, hidden_act=act)
+    torch_model = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), 1).eval()
+    torch_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    model, params = load_clip_model(str(tmp_path))
+
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    ids = torch.randint(3, 900, (3, 77), generator=g)
+    ids[:, 0] = 0
+    ids[0, 5:] = eos if eos != 2 else 999  # the legacy pooling takes the largest id
+    ids[1, 9] = eos if eos != 2 else 999
+    with torch.no_grad():
+        features = lambda out: out if torch.is_tensor(out) else out.pooler_output
+        image_ref = features(torch_model.get_image_features(pixel_values=pixels)).numpy()
+        text_ref = features(torch_model.get_text_features(input_ids=ids)).numpy()
+    apply = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    image, text_features = apply(params, pixels.permute(0, 2, 3, 1).numpy(), ids.numpy().astype(np.int32))
+    for ours, theirs in ((image, image_ref), (text_features, text_ref)):
+        assert ours.shape == theirs.shape
+        assert rel_error(ours, theirs)[1] <= 1e-5, rel_error(ours, theirs)
+    expected = (image_ref * text_ref).sum(-1) / np.linalg.norm(image_ref, axis=-1) / np.linalg.norm(text_ref, axis=-1)
+    np.testing.assert_allclose(np.asarray(cosine(image, text_features)), expected, atol=1e-5)

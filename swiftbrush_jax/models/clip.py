@@ -76,10 +76,11 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head causal self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections; causal in the text tower."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -88,21 +89,22 @@ class CLIPAttention(nn.Module):
         proj = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, cfg.hidden_size // heads)
         q, k, v = (split(proj(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return proj("out_proj")(out.reshape(x.shape))
 
 
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    config: CLIPTextConfig
+    config: CLIPTextConfig  # or models.clip_model.CLIPVisionConfig: the fields used here are common to both
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x)
-        x = x + CLIPAttention(cfg, self.dtype, name="self_attn")(h)
+        x = x + CLIPAttention(cfg, self.dtype, self.causal, name="self_attn")(h)
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x)
         h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="mlp.fc1")(h)
         h = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(ACTIVATIONS[cfg.hidden_act](h))
@@ -114,11 +116,12 @@ class CLIPEncoder(nn.Module):
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, name=f"layers.{i}")(x)
+            x = CLIPEncoderLayer(self.config, self.dtype, self.causal, name=f"layers.{i}")(x)
         return x
 
 
