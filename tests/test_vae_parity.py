@@ -151,3 +151,35 @@ def test_vae_unsupported_option_is_named(key, value):
     config = dict(VAEConfig(block_out_channels=(32, 64)).to_diffusers(), **{key: value})
     with pytest.raises(UnsupportedConfigError, match=re.escape(f"{key}={value!r}")):
         VAEConfig.from_diffusers(config)
+
+
+@pytest.mark.parametrize("blocks", [((1, 2), (2, 1)), ((1, 1, 1), (1, 1, 1))])
+def test_taesd_parity(tmp_path, blocks):
+    """Our TAESD against diffusers' AutoencoderTiny with random weights (every tensor perturbed): decode of
+    latents past the soft clamp's knee, encode of images in [-1, 1], and the round trip."""
+    from diffusers import AutoencoderTiny
+
+    from reference import randomize
+    from swiftbrush_jax.models.taesd import load_taesd
+
+    encoder_blocks, decoder_blocks = blocks
+    channels = (8,) * len(encoder_blocks)
+    torch_model = randomize(AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                                            num_encoder_blocks=encoder_blocks, num_decoder_blocks=decoder_blocks), 3)
+    torch_model.eval().save_pretrained(str(tmp_path), safe_serialization=True)
+    model, params = load_taesd(str(tmp_path))
+    g = torch.Generator().manual_seed(4)
+    latents = 3.0 * torch.randn(2, 4, 8, 8, generator=g)
+    images = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        decoded = torch_model.decode(latents).sample.numpy()
+        encoded = torch_model.encode(images).latents.numpy()
+    nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()
+    ours_decoded = model.apply({"params": params}, nhwc(latents), method=model.decode)
+    ours_encoded = model.apply({"params": params}, nhwc(images), method=model.encode)
+    factor = 2 ** (len(decoder_blocks) - 1)
+    assert ours_decoded.shape == (2, 8 * factor, 8 * factor, 3)
+    for ours, theirs in ((ours_decoded, decoded), (ours_encoded, encoded)):
+        theirs = theirs.transpose(0, 2, 3, 1)
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5 * np.abs(theirs).max())
