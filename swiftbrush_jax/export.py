@@ -104,15 +104,16 @@ def prepare_out(out: str) -> str:
     return out
 
 
-def write_pipeline(student: TrainedStudent, scheduler_config: dict, folder: str) -> None:
-    """Every file of the exported pipeline, into an existing empty ``folder``."""
-    dio.write_component(os.path.join(folder, "unet"), unet_config_to_diffusers(student.unet.config),
-                        student.params, dio.UNET_WEIGHTS)
-    dio.copy_components(student.teacher_root, folder, COPIED_COMPONENTS)
+def write_pipeline(unet_config, params, components_root: str, scheduler_config: dict, card: str,
+                   folder: str) -> None:
+    """Every file of an exported pipeline, into an existing empty ``folder``: the UNet, the VAE, text encoder
+    and tokenizer of ``components_root`` copied verbatim, the scheduler and a model card."""
+    dio.write_component(os.path.join(folder, "unet"), unet_config_to_diffusers(unet_config), params, dio.UNET_WEIGHTS)
+    dio.copy_components(components_root, folder, COPIED_COMPONENTS)
     dio.write_scheduler(folder, scheduler_config)
     dio.write_model_index(folder, "DDIMScheduler")
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(model_card(student))
+        f.write(card)
 
 
 def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True) -> str:
@@ -122,7 +123,8 @@ def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True)
     scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(student.teacher_root), student.record.t,
                                                  student.record.output_is_x0)
     with storage.atomic_dir(out, written_last="model_index.json") as folder:
-        write_pipeline(student, scheduler_config, folder)
+        write_pipeline(student.unet.config, student.params, student.teacher_root, scheduler_config,
+                       model_card(student), folder)
     return out
 
 

@@ -306,3 +306,30 @@ def test_no_x0_student_exports_to_its_own_images(workdir, root, latents):
     out = export.export(work, str(root / "no_x0_export"))
     theirs = diffusers_images(out, PROMPTS, latents, steps=1, guidance=0.0)
     assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+
+
+def test_merge_interpolates_students_into_a_diffusers_folder(workdir, exported, root, latents):
+    """merge of a workdir's raw student (A) and an exported EMA student (B) at weight 0.25: the UNet is
+    0.75 A + 0.25 B weight by weight, and diffusers' one-step images of the merged folder are ours."""
+    from swiftbrush_jax import merge
+    from swiftbrush_jax.student import load_trained_student
+
+    out = merge.merge(workdir, exported, 0.25, str(root / "merged"), ema=False)
+    raw = load_trained_student(workdir, ema=False).params
+    _, ema_export = load_unet(os.path.join(exported, "unet"))
+    _, merged = load_unet(os.path.join(out, "unet"))
+    for a, b, m in zip(*(jax.tree_util.tree_leaves(t) for t in (raw, ema_export, merged))):
+        np.testing.assert_allclose(m, 0.75 * np.asarray(a) + 0.25 * np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree_util.tree_leaves(merged)[0], jax.tree_util.tree_leaves(raw)[0])
+
+    theirs = diffusers_images(out, PROMPTS, latents, steps=1, guidance=0.0)
+    model = sample.load_sampling_model(out)
+    ours = sample.BatchedSampler(model, len(PROMPTS), steps=1, guidance=1.0)(PROMPTS, latents.transpose(0, 2, 3, 1))
+    assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+
+    with pytest.raises(UsageError, match="not a one-step student"):
+        merge.merge(os.path.join(workdir, "tiny_teacher"), exported, 0.5, str(root / "merged_teacher"))
+    with pytest.raises(UsageError, match="finite"):
+        merge.merge(workdir, exported, float("nan"), str(root / "merged_nan"))
+    with pytest.raises(UsageError, match="neither a training workdir"):
+        merge.merge(str(root), exported, 0.5, str(root / "merged_nothing"))
