@@ -2,7 +2,7 @@
 
     python -m swiftbrush_jax.merge --weight 0.5 --out merged runs/student_a runs/student_b
 
-SwiftBrush v2 (docs/method.md §7) ends by averaging two students trained
+SwiftBrush v2 (docs/method.md §6) ends by averaging two students trained
 differently from one teacher: theta = (1 - w) theta_A + w theta_B, every UNet
 weight alike. A and B may each be a training workdir (its newest checkpoint's
 EMA student, or --step / --no-ema) or a folder written by

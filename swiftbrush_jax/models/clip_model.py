@@ -1,6 +1,6 @@
 """CLIP as an image-text scorer in Flax: both towers with their projections, loaded from a transformers folder.
 
-SwiftBrush v2's clamped CLIP loss (docs/method.md §7) needs the cosine between
+SwiftBrush v2's clamped CLIP loss (docs/method.md §6) needs the cosine between
 the embedding of a generated image and that of its prompt, differentiated
 through the image tower into the student. The text tower is the one of
 ``models.clip`` (the SD text encoder) pooled at the first end-of-text token

@@ -1,7 +1,7 @@
 """The tiny autoencoder TAESD (diffusers' ``AutoencoderTiny``) in Flax, loaded from a diffusers folder.
 
 SwiftBrush v2's CLIP loss decodes the student's x0 to pixels inside the train
-step (docs/method.md §7); TAESD does that in a few percent of the SD VAE
+step (docs/method.md §6); TAESD does that in a few percent of the SD VAE
 decoder's cost. It is plain 3x3 convolutions, ReLU residual blocks and
 nearest-neighbour upsampling. The decoder takes the latents the UNet sees
 (SD's, already multiplied by its scaling factor: TAESD's own factor is 1) and
