@@ -359,7 +359,7 @@ def step_outputs(problem: Problem, setting: Setting):
     def run(student, teacher, text, lora, x0_ref):
         cond = problem.cond_f32 if text is None else vsd.text_encoder.apply({"params": text}, problem.token_ids)
         cond = cond.astype(F32)
-        x0 = vsd.student_x0(student, problem.noise.z, cond)
+        x0 = vsd.student_x0(student, teacher, problem.noise.z, cond)
         _, sigma = sched.alpha_sigma(vsd.schedule, problem.noise.t_vsd)
         x0_grad = vsd.vsd_gradient(teacher, lora, x0, cond, problem.uncond, problem.noise)
         out = {"loss_student": 0.5 * jnp.mean(x0_grad**2), "x0_grad": x0_grad,
@@ -384,7 +384,7 @@ def forward_outputs(problem: Problem, vsd: VSD, student, teacher):
     development machine spares; split, the x0-gradient program also serves the float32 x0.
     """
     cond = problem.cond_f32.astype(F32)
-    student_x0 = jax.jit(lambda params: vsd.student_x0(params, problem.noise.z, cond))
+    student_x0 = jax.jit(lambda params: vsd.student_x0(params, teacher, problem.noise.z, cond))
     x0_gradient = jax.jit(lambda params, lora, x0: vsd.vsd_gradient(params, lora, x0, cond, problem.uncond,
                                                                      problem.noise))
     _, sigma = sched.alpha_sigma(vsd.schedule, problem.noise.t_vsd)

@@ -42,7 +42,7 @@ def ours(folder: str, dtype):
     def generate(text_params, unet_params, vae_params, ids, rng):
         cond = pipe.text_encoder.apply({"params": text_params}, ids)
         z = jax.random.normal(rng, (ids.shape[0],) + latent)
-        x0 = one_step_x0(pipe.unet, unet_params, z, cond, pipe.schedule, t)
+        x0 = one_step_x0(pipe.unet, {"params": unet_params}, z, cond, pipe.schedule, t)
         return decode_to_pixels(pipe.vae, vae_params, x0)
 
     rng = jax.random.PRNGKey(0)

@@ -28,13 +28,14 @@ def guided(unet, variables, x, t, cond, uncond, scale: float):
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def one_step_x0(unet, params, z, cond, schedule, t: int, output_is_x0: bool = False):
+def one_step_x0(unet, variables, z, cond, schedule, t: int, output_is_x0: bool = False):
     """The one-step generator: the clean latent x0 from one UNet call on pure noise z at timestep t.
 
-    The output is a prediction of the schedule's type turned into x0 (the x0 parameterisation), or, for
-    the paper's ablation that drops it, taken as x0 itself (``output_is_x0``)."""
+    ``variables`` are the UNet's flax variables: {"params": ...}, with a "lora" collection for a LoRA
+    student. The output is a prediction of the schedule's type turned into x0 (the x0 parameterisation),
+    or, for the paper's ablation that drops it, taken as x0 itself (``output_is_x0``)."""
     timesteps = jnp.full((z.shape[0],), t, jnp.int32)
-    out = unet.apply({"params": params}, z, timesteps, cond).astype(jnp.float32)
+    out = unet.apply(variables, z, timesteps, cond).astype(jnp.float32)
     return out if output_is_x0 else sched.to_x0(schedule, out, z, timesteps)
 
 
@@ -45,10 +46,11 @@ def decode_to_pixels(vae, vae_params, latents):
 
 
 def one_step_images(unet, vae, schedule, t: int, output_is_x0: bool = False):
-    """(unet params, vae params, z, cond) -> float images in [0, 1]: ``one_step_x0`` decoded; jit it."""
+    """(unet variables, vae params, z, cond) -> float images in [0, 1]: ``one_step_x0`` decoded; jit it."""
 
-    def sample(unet_params, vae_params, z, cond):
-        return decode_to_pixels(vae, vae_params, one_step_x0(unet, unet_params, z, cond, schedule, t, output_is_x0))
+    def sample(unet_variables, vae_params, z, cond):
+        return decode_to_pixels(vae, vae_params, one_step_x0(unet, unet_variables, z, cond, schedule, t,
+                                                             output_is_x0))
 
     return sample
 

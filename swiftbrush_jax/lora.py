@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 
@@ -38,3 +39,18 @@ def init_lora(rng, params, rank: int, targets: Sequence[str] = ("to_q", "to_v"),
 
 def lora_scale(rank: int, alpha: float) -> float:
     return float(alpha) / float(rank)
+
+
+def fold(params, lora, scale: float):
+    """The UNet weights with every adapter merged in: kernel + scale * down @ up, what ``LoRADense`` computes
+    (float32, numpy); the tree of a LoRA student made whole, for sampling and export."""
+    flat = {path: np.asarray(value, np.float32) for path, value in traverse_util.flatten_dict(params).items()}
+    adapters = traverse_util.flatten_dict(lora)
+    for path in adapters:
+        if path[-1] == "down":
+            module = path[:-1]
+            down, up = (np.asarray(adapters[module + (name,)], np.float32) for name in ("down", "up"))
+            if module + ("kernel",) not in flat:
+                raise ValueError(f"the adapter {'.'.join(module)} has no weight to merge into in this UNet")
+            flat[module + ("kernel",)] = flat[module + ("kernel",)] + np.float32(scale) * (down @ up)
+    return traverse_util.unflatten_dict(flat)

@@ -134,7 +134,7 @@ def make_images(model: SamplingModel, steps: int, guidance: float, put=lambda x:
     unet_params, vae_params = put(model.unet_params), put(pipe.vae_params)
     if steps == 1:
         run = jax.jit(one_step_images(pipe.unet, pipe.vae, pipe.schedule, model.one_step_t, model.output_is_x0))
-        return lambda z, cond: run(unet_params, vae_params, z, cond)
+        return lambda z, cond: run({"params": unet_params}, vae_params, z, cond)
     run = jax.jit(ddim_images(pipe.unet, pipe.vae, pipe.schedule, steps, guidance))
     uncond = put(pipe.encode_text([""]))
     return lambda z, cond: run(unet_params, vae_params, z, cond, uncond)

@@ -19,8 +19,9 @@ from flax import traverse_util
 
 from . import storage
 from .checkpoint import CheckpointError, load_student
+from .lora import fold, lora_scale
 from .models import read_config
-from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+from .models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_param_shapes
 from .pipeline import PipelineError, resolve
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +78,7 @@ class StudentRecord:
     output_is_x0: bool  # the no-x0 ablation: the output is the sample itself, not a prediction to convert
     prediction_type: str  # the teacher's, which the student's output follows otherwise
     latent_size: int  # the side of the noise the student was trained on
+    lora: Optional[dict] = None  # a LoRA student: {"rank", "alpha", "targets"}, its adapters over the teacher
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,8 +86,8 @@ class StudentRecord:
     @classmethod
     def from_meta(cls, meta: dict, where: str) -> "StudentRecord":
         record = meta.get("student")
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(record, dict) or sorted(record) != sorted(names):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(record, dict) or not names - {"lora"} <= set(record) <= names:
             raise CheckpointError(f"{where}: its metadata has no complete student record (it was written by an "
                                   "older swiftbrush-jax); sample or export it with the version that trained it")
         return cls(**record)
@@ -93,9 +95,12 @@ class StudentRecord:
 
 def record_for_run(config, vsd, teacher_source: str, workdir: str) -> StudentRecord:
     """The record of a run's student, from its config and step (``vsd.VSD``)."""
+    lora = ({"rank": int(config.student_lora.rank), "alpha": float(config.student_lora.alpha),
+             "targets": list(config.student_lora.targets)} if vsd.lora_student else None)
     return StudentRecord(teacher=teacher_reference(teacher_source, workdir), t=vsd.student_t,
                          output_is_x0=not vsd.config.student_x0_parameterization,
-                         prediction_type=vsd.schedule.prediction_type, latent_size=int(vsd.latent_shape[0]))
+                         prediction_type=vsd.schedule.prediction_type, latent_size=int(vsd.latent_shape[0]),
+                         lora=lora)
 
 
 @dataclasses.dataclass
@@ -140,6 +145,9 @@ def load_trained_student(workdir: str, step: Optional[int] = None, ema: bool = T
         raise CheckpointError(f"{where}: trained with a {record.prediction_type} teacher, but the teacher found at "
                               f"{teacher_root} predicts {teacher_prediction}; point it at the original teacher")
     config = UNetConfig.from_diffusers(read_config(os.path.join(teacher_root, "unet")))
+    if record.lora:  # the student's adapters merged into the teacher's weights
+        _, teacher_params = load_unet(os.path.join(teacher_root, "unet"))
+        params = fold(teacher_params, params, lora_scale(record.lora["rank"], record.lora["alpha"]))
     _check_shapes(params, config, where)
     return TrainedStudent(params=params, unet=UNet2DConditionModel(config), step=step, ema=ema, record=record,
                           teacher_root=teacher_root, meta=meta)

@@ -89,13 +89,19 @@ def build_vsd(config, pipe) -> VSD:
     # The teacher is differentiated too (the LoRA loss), so it is rematerialised like the student.
     teacher_unet = pipe.unet.clone(dtype=dtype_of(config.teacher_dtype),
                                    lora_scale=lora_scale(config.lora.rank, config.lora.alpha), **memory)
-    student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), **memory)
+    lora_student = config.student_lora.rank > 0
+    student_lora_scale = lora_scale(config.student_lora.rank, config.student_lora.alpha) if lora_student else 1.0
+    student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), lora_scale=student_lora_scale,
+                                   **memory)
     text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype))
     score_unet = teacher_unet.clone(dtype=dtype_of(config.score_dtype)) if config.score_dtype else None
     try:
         jax.default_matmul_precision(config.score_precision or None)
     except ValueError as e:
         raise UsageError(f"--config.score_precision={config.score_precision!r}: {e}") from None
+    if lora_student and config.get("student_init"):
+        raise UsageError("--config.student_init: a LoRA student (student_lora.rank > 0) is the teacher plus "
+                         "adapters and cannot start from another UNet; leave student_init empty")
     updates = config.vsd.lora_updates_per_step
     if updates < 1 or (updates > 1 and config.microbatches > 1):
         raise UsageError(f"--config.vsd.lora_updates_per_step={updates}: use 1 or more, and 1 with microbatches > 1 "
@@ -106,7 +112,7 @@ def build_vsd(config, pipe) -> VSD:
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
         student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
         latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches,
-        score_unet=score_unet, score_precision=config.score_precision or None)
+        score_unet=score_unet, score_precision=config.score_precision or None, lora_student=lora_student)
 
 
 def as_dtype(tree, dtype):
@@ -140,6 +146,16 @@ def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False
     restore target or a plan."""
     rng, lora_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     make_lora = lambda: init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
+    if vsd.lora_student:  # the student's own adapters (up = 0: it starts as the teacher), from the shapes only
+        student_rng = jax.random.fold_in(lora_rng, 1)
+        unet_shapes = jax.eval_shape(lambda p: p, student_params)
+        make_state = lambda: vsd.init_state(rng, init_lora(student_rng, unet_shapes, config.student_lora.rank,
+                                                           tuple(config.student_lora.targets)), make_lora())
+        shapes = jax.eval_shape(make_state)
+        state_sh = sharding.tree_shardings(shapes, mesh)
+        if abstract or sharding.is_abstract(student_params):
+            return ckpt.abstract(shapes, state_sh), state_sh
+        return jax.jit(make_state, out_shardings=state_sh)(), state_sh
     shapes = jax.eval_shape(lambda p: vsd.init_state(rng, p, make_lora()), student_params)
     state_sh = sharding.tree_shardings(shapes, mesh)
     if abstract or sharding.is_abstract(student_params):
@@ -260,7 +276,7 @@ def main(argv):
                     for k, v in m.items():
                         writer.add_scalar(f"train/{k}", v, step)
             if sampler is not None and (step % config.sample_every == 0 or step == config.total_steps):
-                sampler.write(state, step, workdir, writer)
+                sampler.write(state, frozen, step, workdir, writer)
             # While updates are being skipped, periodic saves wait, so that max_to_keep never retires
             # the last good checkpoint for copies of a stalled run.
             periodic = step % config.checkpoint_every == 0
@@ -354,7 +370,7 @@ def compile_everywhere(step_fn, sampler, state, frozen, ids):
     log(f"compiled the train step in {time.time() - t:.1f} s")
     if sampler is not None:
         t = time.time()
-        sampler.compile(state.student)
+        sampler.compile(state.student, frozen)
         log(f"compiled the sampler in {time.time() - t:.1f} s")
     distributed.barrier("compiled")
     return compiled
@@ -368,18 +384,19 @@ class Sampler:
         vae = pipe.vae.clone(dtype=dtype_of(config.student_compute_dtype))
         images = one_step_images(vsd.student_unet, vae, vsd.schedule, vsd.student_t,
                                  output_is_x0=not vsd.config.student_x0_parameterization)
-        self.sample = jax.jit(lambda params, x: images(params, x["vae"], x["z"], x["cond"]),
+        self.sample = jax.jit(lambda params, teacher, x: images(vsd.student_variables(params, teacher), x["vae"],
+                                                                 x["z"], x["cond"]),
                               out_shardings=sharding.replicated(mesh))
         self.cols = min(len(config.validation_prompts), 8)
 
-    def compile(self, params) -> None:
-        self.sample = self.sample.lower(params, self.inputs).compile()
+    def compile(self, params, frozen) -> None:
+        self.sample = self.sample.lower(params, frozen.teacher, self.inputs).compile()
 
-    def write(self, state, step, workdir, writer):
+    def write(self, state, frozen, step, workdir, writer):
         png = storage.join(workdir, "samples", f"step_{step:07d}.png")
         rows = []
         for name, params in (("student", state.student), ("ema", state.ema)):
-            images = to_uint8(sharding.host_local(self.sample(params, self.inputs)))
+            images = to_uint8(sharding.host_local(self.sample(params, frozen.teacher, self.inputs)))
             rows.append(image_grid(images, self.cols))
         if jax.process_index() != 0:
             return

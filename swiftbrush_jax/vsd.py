@@ -140,6 +140,10 @@ class VSD:
     # two would drown it early in a run, while the LoRA teacher is still close to the teacher (README, bf16).
     score_unet: Optional[nn.Module] = None
     score_precision: Optional[str] = None
+    # The student's trainable tree: a whole UNet, or (lora_student) a LoRA collection laid over the frozen
+    # teacher's weights, applied by ``student_unet`` with the student's LoRA scale: no third copy of the UNet
+    # (SwiftBrush v2's student B, docs/method.md §6).
+    lora_student: bool = False
 
     @property
     def student_t(self) -> int:
@@ -165,10 +169,16 @@ class VSD:
             drop=jax.random.bernoulli(k[5], c.uncond_prob, (batch,)),
         )
 
-    def student_x0(self, student_params, z, cond):
+    def student_variables(self, student_params, teacher_params) -> dict:
+        """The student UNet's flax variables: its own weights, or the teacher's with the student's LoRA."""
+        if self.lora_student:
+            return {"params": teacher_params, "lora": student_params}
+        return {"params": student_params}
+
+    def student_x0(self, student_params, teacher_params, z, cond):
         """The one-step generator at t = T-1 (docs/method.md §3, step 1)."""
-        return one_step_x0(self.student_unet, student_params, z, cond, self.schedule, self.student_t,
-                           output_is_x0=not self.config.student_x0_parameterization)
+        return one_step_x0(self.student_unet, self.student_variables(student_params, teacher_params), z, cond,
+                           self.schedule, self.student_t, output_is_x0=not self.config.student_x0_parameterization)
 
     def vsd_gradient(self, teacher_params, lora_params, x0, cond, uncond, noise: Noise):
         """w(t) (e_teacher - e_lora) at x_t = a_t x0 + s_t eps, non-finite entries zeroed."""
@@ -230,7 +240,7 @@ class VSD:
     def batch_means(self, student, lora, teacher, cond, uncond, noise: Noise):
         """(batch means of the losses and of x0 and x0^2, student gradient, LoRA gradient) for one batch."""
         cond = cond.astype(jnp.float32)
-        x0, pullback = jax.vjp(lambda p: self.student_x0(p, noise.z, cond), student)
+        x0, pullback = jax.vjp(lambda p: self.student_x0(p, teacher, noise.z, cond), student)
         grad = jax.lax.stop_gradient(self.vsd_gradient(teacher, lora, x0, cond, uncond, noise))
         # loss_student = 0.5 mean((x0 - sg(x0 - grad))^2): its x0-gradient is resid / numel.
         resid = x0 - (x0 - grad)
@@ -280,7 +290,7 @@ class VSD:
         def one_update(carry, key):
             lora, lora_opt, skipped = carry
             noise = self.draw(key, cond.shape[0])
-            x0 = jax.lax.stop_gradient(self.student_x0(state.student, noise.z, cond))
+            x0 = jax.lax.stop_gradient(self.student_x0(state.student, frozen.teacher, noise.z, cond))
             loss, grads = jax.value_and_grad(self.lora_loss)(lora, frozen.teacher, x0, cond, frozen.uncond, noise)
             updates, new_opt = self.lora_tx.update(grads, lora_opt, lora, step=step)
             finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))

@@ -69,25 +69,37 @@ def test_teacher_ddim_draws_the_prompted_colour():
     assert result["color_accuracy"] >= MIN_TEACHER_COLOR_ACCURACY, result
 
 
-def test_short_distillation_trains_the_student(tmp_path, teacher):
+@pytest.mark.parametrize("student_lora_rank", [0, 4])
+def test_short_distillation_trains_the_student(tmp_path, teacher, student_lora_rank):
     """Two steps of configs/shapes.py: the checkpoint holds a student moved away from the teacher, an EMA
-    between them, a record that runs it, and its one-step samples differ from the teacher's."""
+    between them, a record that runs it, and its one-step samples differ from the teacher's. With
+    student_lora.rank > 0 the student is adapters over the teacher, recorded as such and merged to sample."""
     import jax
+    from flax import traverse_util
 
     from swiftbrush_jax import sample
     from swiftbrush_jax.checkpoint import read_on_one_device
+    from swiftbrush_jax.student import load_trained_student
 
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", os.path.join(REPO, "configs", "shapes.py"),
            "--workdir", str(workdir), "--config.total_steps=2", "--config.batch_size=2",
-           "--config.sample_every=0", "--config.checkpoint_every=2", "--config.log_every=1"]
+           "--config.sample_every=0", "--config.checkpoint_every=2", "--config.log_every=1",
+           f"--config.student_lora.rank={student_lora_rank}", f"--config.student_lora.alpha={2 * student_lora_rank}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     state, meta = read_on_one_device(str(workdir / "checkpoints"), 2)
     assert int(state["step"]) == 2 and int(state["skipped"]) == 0
+    lora = None
+    if student_lora_rank:
+        lora = {"rank": 4, "alpha": 8.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+        names = {path[-1] for path in traverse_util.flatten_dict(state["student"])}
+        assert names == {"down", "up"}  # adapters only: no copy of the UNet in the state
     leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
-    teacher_w, student_w, ema_w = (leaves(t) for t in (teacher.unet_params, state["student"], state["ema"]))
+    student_tree = load_trained_student(str(workdir), ema=False).params
+    ema_tree = load_trained_student(str(workdir)).params
+    teacher_w, student_w, ema_w = (leaves(t) for t in (teacher.unet_params, student_tree, ema_tree))
     moved = sum(float(np.abs(s - t).sum()) for s, t in zip(student_w, teacher_w))
     assert moved > 0
     # The EMA after two updates (decays 1/10, then 2/11; docs/method.md §3) lies between teacher and student.
@@ -95,7 +107,7 @@ def test_short_distillation_trains_the_student(tmp_path, teacher):
     assert 0 < ema_moved < moved
     assert meta["student"] == {"teacher": {"package": os.path.join("toy", "teacher")}, "t": 999,
                                "output_is_x0": False, "prediction_type": "epsilon",
-                               "latent_size": teacher_arch.LATENT_PX}
+                               "latent_size": teacher_arch.LATENT_PX, "lora": lora}
     assert meta["config"]["batch_size"] == 2 and meta["config"]["vsd.lora_guidance_scale"] == 1.0
     noise = sample.seeded_noise([0], (teacher_arch.LATENT_PX, teacher_arch.LATENT_PX, 4))
     student_images = sample.BatchedSampler(sample.load_sampling_model(str(workdir), ema=False), 1)(["a red circle"], noise)

@@ -381,7 +381,7 @@ def test_two_time_scale_lora_updates(setup):
     for key in jax.random.split(rng, 2):
         noise = vsd.draw(key, B)
         draws.append(noise)
-        x0 = vsd.student_x0(state.student, noise.z, cond)
+        x0 = vsd.student_x0(state.student, s["teacher"], noise.z, cond)
         loss, grads = jax.value_and_grad(vsd.lora_loss)(lora, s["teacher"], x0, cond, frozen.uncond, noise)
         updates, opt = vsd.lora_tx.update(grads, opt, lora, step=jnp.int32(7))
         lora, losses = optax.apply_updates(lora, updates), losses + [loss]
@@ -393,3 +393,40 @@ def test_two_time_scale_lora_updates(setup):
     for a, b in zip(jax.tree_util.tree_leaves((state.student, state.ema, state.student_opt, state.step)),
                     jax.tree_util.tree_leaves((new.student, new.ema, new.student_opt, new.step))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_student_matches_reference(setup):
+    """A LoRA student (rank 2 on q/k/v/out over the frozen teacher, adapters perturbed): the step's losses and
+    the gradients of both adapter trees equal the reference's, whose student is the teacher plus the same
+    adapters, differentiated with respect to them only."""
+    s = setup
+    rank, alpha, targets = 2, 4.0, ("to_q", "to_k", "to_v", "to_out.0")
+    student_pt, student_loras = ref.add_lora(s["teacher_pt"], rank, alpha, targets, seed=7)
+    g = torch.Generator().manual_seed(8)
+    flat = ref.get_lora_weights(student_loras)
+    for k in flat:
+        if k.endswith(".up"):
+            flat[k] = 0.05 * torch.randn(flat[k].shape, generator=g).numpy()
+    ref.set_lora_weights(student_loras, flat)
+    i = s["inputs"]
+    expected = ref.vsd_step_reference(student_pt, s["teacher_pt"], s["lora_pt_unet"], i["cond"], i["uncond"], i["z"],
+                                      i["t_vsd"], i["eps_vsd"], i["t_lora"], i["eps_lora"], i["drop_mask"],
+                                      s["schedule"].alphas_cumprod, student_loras=student_loras)
+
+    teacher_unet = s["vsd"].teacher_unet
+    vsd = dataclasses.replace(s["vsd"], student_unet=teacher_unet.clone(lora_scale=alpha / rank), lora_student=True)
+    student = flat_to_lora(flat, init_lora(jax.random.PRNGKey(0), s["teacher"], rank, targets))
+    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+        student, s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
+        jax_noise(i))
+    np.testing.assert_allclose(float(metrics["loss_student"]), expected["loss_student"], rtol=2e-4)
+    np.testing.assert_allclose(float(metrics["loss_lora"]), expected["loss_lora"], rtol=2e-4)
+    got = lora_to_flat(student_grads)
+    assert set(got) == set(expected["student_grads"])
+    assert {name.split(".")[-2] if not name.endswith(("0.down", "0.up")) else "to_out.0" for name in got} == set(targets)
+    total = np.sqrt(sum(np.sum(v**2) for v in expected["student_grads"].values()))
+    assert total > 0
+    for name, want in expected["student_grads"].items():
+        assert np.linalg.norm(got[name] - want) <= 2e-3 * np.linalg.norm(want) + 1e-4 * total, name
+    for name, want in expected["lora_grads"].items():
+        assert rel(lora_to_flat(lora_grads)[name], want) <= 1e-3, name

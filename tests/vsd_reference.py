@@ -40,7 +40,7 @@ def add_lora(unet, rank, alpha, targets=("to_q", "to_v"), seed=0):
     lora_unet = copy.deepcopy(unet).requires_grad_(False)
     paths = sorted(
         name for name, module in lora_unet.named_modules()
-        if name.split(".")[-1] in targets and isinstance(module, nn.Linear)
+        if any(name.endswith("." + target) for target in targets) and isinstance(module, nn.Linear)
     )
     generator = torch.Generator().manual_seed(seed)
     loras = {}
@@ -100,12 +100,13 @@ def _cfg(net, x, t, cond, uncond, guidance):
 
 def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, eps_vsd, t_lora, eps_lora,
                        drop_mask, alphas_cumprod, *, guidance=4.5, lora_guidance=None, student_t=999,
-                       prediction_type="epsilon", sds=False, x0_parameterization=True):
+                       prediction_type="epsilon", sds=False, x0_parameterization=True, student_loras=None):
     """Losses and gradients of one SwiftBrush step, exactly as docs/method.md §3 writes them.
 
     ``lora_guidance`` is the LoRA teacher's CFG scale (default: ``guidance``); the paper's ablations:
     ``sds`` replaces the LoRA teacher's score by the injected noise, ``x0_parameterization=False`` takes
-    the student's output as its sample.
+    the student's output as its sample. ``student_loras`` (from ``add_lora``): the student is a LoRA over a
+    frozen copy of the teacher, and its gradients are those of its adapters, in the JAX layout.
 
     Student gradients come from ``loss_student`` only, LoRA gradients from
     ``loss_lora`` only. Returns a dict with ``loss_student``, ``loss_lora``
@@ -159,8 +160,10 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
     loss_lora = torch.mean(_per_sample(abar, t_lora) * (out - target) ** 2)
 
     # Each loss is differentiated with respect to its own parameter tree only.
-    student_params = dict(student.named_parameters())
+    student_params = _lora_params(student_loras) if student_loras else dict(student.named_parameters())
     student_grads = torch.autograd.grad(loss_student, list(student_params.values()), allow_unused=True)
+    if student_loras:
+        student_grads = [g.T for g in student_grads]
     lora_params = _lora_params(loras)
     lora_grads = torch.autograd.grad(loss_lora, list(lora_params.values()))
 
