@@ -26,7 +26,14 @@ def base_config() -> ml_collections.ConfigDict:
         guidance_scale=4.5, lora_guidance_scale=4.5, t_min=20, t_max=980, lora_t_min=0, lora_t_max=999,
         uncond_prob=0.1, student_t=-1, ema_decay=0.9999,
         use_lora_teacher=True, student_x0_parameterization=True,  # False/False: the paper's ablations
-        lora_updates_per_step=1))  # >1: two time-scale updates, that many LoRA-teacher updates per student update
+        lora_updates_per_step=1,  # >1: two time-scale updates, that many LoRA-teacher updates per student update
+        # SwiftBrush v2's clamped CLIP loss on the decoded x0 (docs/method.md §6: weight 0.1 annealed to 0, tau
+        # 0.35); weight 0 turns it off. clip_anneal_steps 0: a constant weight.
+        clip_weight=0.0, clip_tau=0.35, clip_anneal_steps=0))
+    # With vsd.clip_weight > 0: a local transformers CLIPModel folder (its tokenizer must be the teacher's), and
+    # a local TAESD folder (diffusers AutoencoderTiny) to decode x0, or "" for the teacher's own VAE.
+    c.clip_model = ""
+    c.clip_decoder = ""
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=108.0, targets=("to_q", "to_v")))
     # rank > 0: the student is the frozen teacher plus a LoRA of this rank (SwiftBrush v2's student B: rank
     # 256, alpha 512), trained by student_optimizer; 0: a full copy of the teacher's UNet, as in the paper.

@@ -14,6 +14,7 @@ input is checked before anything is compiled; a bad one is a one-line
 
 import dataclasses
 import io
+import os
 import logging as std_logging
 import signal
 import sys
@@ -82,8 +83,40 @@ def prompt_source(config):
     return data.load_prompts(config.prompts, config.get("prompt_column", "text"))
 
 
-def build_vsd(config, pipe) -> VSD:
-    """The step's static parts: student/teacher modules in their dtypes, schedule, both optimizers."""
+def clip_loss_parts(config, pipe):
+    """(CLIP module, decode(params, x0), {"model": CLIP weights, "decoder": decoder weights}) for the CLIP loss,
+    host arrays; None without it."""
+    if not config.vsd.clip_weight:
+        return None
+    from .models.clip_model import load_clip_model
+    from .models.taesd import load_taesd
+
+    for key in ("clip_model",) + (("clip_decoder",) if config.clip_decoder else ()):
+        if not os.path.isdir(config[key]):
+            raise UsageError(f"--config.{key}={config[key]!r}: not a local folder; the CLIP loss "
+                             f"(vsd.clip_weight > 0) needs a transformers CLIPModel folder"
+                             + (" and a diffusers AutoencoderTiny folder (or '' for the teacher's VAE)"
+                                if key == "clip_decoder" else ""))
+    clip_model, clip_params = load_clip_model(config.clip_model)
+    text, tokenizer = clip_model.text_config, pipe.tokenizer
+    if (text.vocab_size != len(tokenizer) or text.eos_token_id != tokenizer.eos_token_id
+            or text.max_position_embeddings < tokenizer.model_max_length):
+        raise UsageError(f"--config.clip_model={config.clip_model}: its text tower does not read the teacher's "
+                         f"token ids (vocabulary {text.vocab_size} vs {len(tokenizer)}, end-of-text id "
+                         f"{text.eos_token_id} vs {tokenizer.eos_token_id}, {text.max_position_embeddings} "
+                         f"positions for {tokenizer.model_max_length} tokens); use a CLIP with the teacher's tokenizer")
+    if config.clip_decoder:
+        taesd, decoder_params = load_taesd(config.clip_decoder)
+        decode = lambda params, x0: taesd.apply({"params": params}, x0, method="decode")
+    else:
+        vae, decoder_params, scale = pipe.vae, pipe.vae_params, pipe.vae.config.scaling_factor
+        decode = lambda params, x0: vae.apply({"params": params}, x0 / scale, method=vae.decode)
+    return clip_model, decode, {"model": clip_params, "decoder": decoder_params}
+
+
+def build_vsd(config, pipe, clip_parts=None) -> VSD:
+    """The step's static parts: student/teacher modules in their dtypes, schedule, both optimizers (and the
+    CLIP loss's modules, from ``clip_loss_parts``)."""
     unet_config = pipe.unet.config
     memory = dict(remat=config.remat, attention_query_block=config.attention_query_block)
     # The teacher is differentiated too (the LoRA loss), so it is rematerialised like the student.
@@ -103,6 +136,9 @@ def build_vsd(config, pipe) -> VSD:
         raise UsageError("--config.student_init: a LoRA student (student_lora.rank > 0) is the teacher plus "
                          "adapters and cannot start from another UNet; leave student_init empty")
     updates = config.vsd.lora_updates_per_step
+    if config.vsd.clip_weight and (clip_parts is None or config.microbatches > 1):
+        raise UsageError("--config.vsd.clip_weight: the CLIP loss runs with microbatches=1 only, and needs "
+                         "--config.clip_model")
     if updates < 1 or (updates > 1 and config.microbatches > 1):
         raise UsageError(f"--config.vsd.lora_updates_per_step={updates}: use 1 or more, and 1 with microbatches > 1 "
                          f"(the further LoRA updates run on the whole batch at once)")
@@ -112,7 +148,8 @@ def build_vsd(config, pipe) -> VSD:
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
         student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
         latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches,
-        score_unet=score_unet, score_precision=config.score_precision or None, lora_student=lora_student)
+        score_unet=score_unet, score_precision=config.score_precision or None, lora_student=lora_student,
+        clip_model=clip_parts[0] if clip_parts else None, clip_decode=clip_parts[1] if clip_parts else None)
 
 
 def as_dtype(tree, dtype):
@@ -130,12 +167,14 @@ def text_embedding(pipe, prompts):
     return np.asarray(pipe.encode_text(list(prompts)), np.float32)
 
 
-def frozen_inputs(config, pipe, mesh):
-    """Teacher UNet and text encoder weights in the teacher dtype, and the empty-prompt embedding, on the mesh
-    (cast in host memory, each device receiving its shard only), and their sharding."""
+def frozen_inputs(config, pipe, mesh, clip_params=None):
+    """Teacher UNet and text encoder weights in the teacher dtype, the empty-prompt embedding (and the CLIP
+    loss's CLIP and decoder weights), on the mesh (cast in host memory, each device receiving its shard
+    only), and their sharding."""
     teacher_dtype = dtype_of(config.teacher_dtype)
     frozen = Frozen(teacher=as_dtype(pipe.unet_params, teacher_dtype), text=as_dtype(pipe.text_params, teacher_dtype),
-                    uncond=text_embedding(pipe, [""]))
+                    uncond=text_embedding(pipe, [""]),
+                    clip=None if clip_params is None else as_dtype(clip_params, teacher_dtype))
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     return sharding.place(frozen, frozen_sh), frozen_sh
 
@@ -346,13 +385,14 @@ def set_up(config, workdir: str) -> Run:
     student_params = pipe.unet_params
     if config.get("student_init"):
         student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
-    vsd = build_vsd(config, pipe)
+    clip_parts = clip_loss_parts(config, pipe)
+    vsd = build_vsd(config, pipe, clip_parts)
 
     distributed.barrier("checkpoint_manager")  # its first collective must find every process within gloo's 30 s
     mngr = ckpt.manager(workdir, config.keep_checkpoints)
     state, state_sh, start = resume_or_start(config, vsd, student_params, mesh, mngr, stream, workdir)
     del student_params
-    frozen, frozen_sh = frozen_inputs(config, pipe, mesh)
+    frozen, frozen_sh = frozen_inputs(config, pipe, mesh, clip_parts[2] if clip_parts else None)
     sampler = Sampler(config, vsd, pipe, sampler_inputs(config, vsd, pipe, mesh), mesh) if config.sample_every else None
     pipe.unet_params = pipe.text_params = pipe.vae_params = None
     return Run(mesh, stream, pipe, vsd, mngr, state, state_sh, frozen, frozen_sh, sampler, start, teacher_source)
@@ -425,7 +465,8 @@ class progress_bar:
         self.last = start
 
     def update(self, step, metrics):
-        keys = ("loss_student", "loss_lora", "grad_norm_student", "grad_norm_lora", "steps_per_s", "skipped")
+        keys = ("loss_student", "loss_lora", "loss_clip", "grad_norm_student", "grad_norm_lora", "steps_per_s",
+                "skipped")
         self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in keys if k in metrics}, refresh=False)
         self.bar.update(step - self.last)
         self.last = step

@@ -19,6 +19,7 @@ from flax import struct
 
 from . import schedule as sched
 from .generate import guided, one_step_x0
+from .models.clip_model import clip_pixels, cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,12 @@ class VSDConfig:
     # The first uses the step's own samples; each further one draws fresh student samples (the updated
     # student, the same prompts) with fresh noise, timesteps and prompt dropout.
     lora_updates_per_step: int = 1
+    # SwiftBrush v2's clamped CLIP loss (docs/method.md §6), added to the student's: w(k) mean(max(0, tau -
+    # cos(E_img(D(x0)), E_txt(prompt)))), w(k) falling linearly from clip_weight to 0 over clip_anneal_steps
+    # (0: constant). 0 turns it off.
+    clip_weight: float = 0.0
+    clip_tau: float = 0.35
+    clip_anneal_steps: int = 0
 
 
 class TrainState(struct.PyTreeNode):
@@ -64,6 +71,7 @@ class Frozen(struct.PyTreeNode):
     teacher: Any
     text: Any
     uncond: jax.Array  # (1, T, D)
+    clip: Any = None  # with the CLIP loss: {"model": CLIP weights, "decoder": the decoder's weights}
 
 
 class Noise(struct.PyTreeNode):
@@ -144,6 +152,10 @@ class VSD:
     # teacher's weights, applied by ``student_unet`` with the student's LoRA scale: no third copy of the UNet
     # (SwiftBrush v2's student B, docs/method.md §6).
     lora_student: bool = False
+    # With the CLIP loss: the CLIP model (models.clip_model.CLIPModel) and decode(params, x0) -> images in
+    # [-1, 1], a decoder of the latents the UNet sees (TAESD, or the teacher's VAE).
+    clip_model: Optional[nn.Module] = None
+    clip_decode: Optional[Callable] = None
 
     @property
     def student_t(self) -> int:
@@ -208,9 +220,27 @@ class VSD:
         abar = jnp.asarray(self.schedule.alphas_cumprod)[t][:, None, None, None]
         return jnp.mean(abar * err**2)
 
-    def losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
-        """Both losses and each tree's gradient from its own loss only."""
-        means, student_grads, lora_grads = self.batch_means(student, lora, teacher, cond, uncond, noise)
+    def clip_weight_at(self, step):
+        """w(k) of the CLIP loss at the state's step."""
+        c = self.config
+        if c.clip_anneal_steps <= 0:
+            return jnp.float32(c.clip_weight)
+        return c.clip_weight * jnp.maximum(0.0, 1.0 - step.astype(jnp.float32) / c.clip_anneal_steps)
+
+    def clip_loss(self, x0, clip, token_ids, weight):
+        """(w mean(max(0, tau - cos)), cos) of the decoded x0 against its prompts; differentiable in x0."""
+        images = self.clip_decode(clip["decoder"], x0)
+        pixels = clip_pixels(images, self.clip_model.vision_config.image_size)
+        variables = {"params": clip["model"]}
+        image_features = self.clip_model.apply(variables, pixels, method="image_features")
+        text_features = jax.lax.stop_gradient(self.clip_model.apply(variables, token_ids, method="text_features"))
+        cos = cosine(image_features, text_features)
+        return weight * jnp.mean(jax.nn.relu(self.config.clip_tau - cos)), cos
+
+    def losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise, clip_inputs=None):
+        """Both losses and each tree's gradient from its own loss only (the student's with the CLIP loss when
+        ``clip_inputs`` = (frozen CLIP weights, prompt token ids, w) is given)."""
+        means, student_grads, lora_grads = self.batch_means(student, lora, teacher, cond, uncond, noise, clip_inputs)
         return with_x0_std(means), student_grads, lora_grads
 
     def accumulated_losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
@@ -237,18 +267,24 @@ class VSD:
         means, student_grads, lora_grads = jax.tree_util.tree_map(lambda x: x / k, total)
         return with_x0_std(means), student_grads, lora_grads
 
-    def batch_means(self, student, lora, teacher, cond, uncond, noise: Noise):
+    def batch_means(self, student, lora, teacher, cond, uncond, noise: Noise, clip_inputs=None):
         """(batch means of the losses and of x0 and x0^2, student gradient, LoRA gradient) for one batch."""
         cond = cond.astype(jnp.float32)
         x0, pullback = jax.vjp(lambda p: self.student_x0(p, teacher, noise.z, cond), student)
         grad = jax.lax.stop_gradient(self.vsd_gradient(teacher, lora, x0, cond, uncond, noise))
         # loss_student = 0.5 mean((x0 - sg(x0 - grad))^2): its x0-gradient is resid / numel.
         resid = x0 - (x0 - grad)
-        (student_grads,) = pullback(resid / resid.size)
+        x0_cotangent = resid / resid.size
+        means = {}
+        if clip_inputs is not None:
+            (means["loss_clip"], cos), clip_grad = jax.value_and_grad(self.clip_loss, has_aux=True)(x0, *clip_inputs)
+            means["clip_cosine"] = jnp.mean(cos)
+            x0_cotangent = x0_cotangent + clip_grad
+        (student_grads,) = pullback(x0_cotangent)
         loss_lora, lora_grads = jax.value_and_grad(self.lora_loss)(
             lora, teacher, jax.lax.stop_gradient(x0), cond, uncond, noise)
-        means = {"loss_student": 0.5 * jnp.mean(resid**2), "loss_lora": loss_lora,
-                 "x0_mean": jnp.mean(x0), "x0_sq_mean": jnp.mean(x0**2)}
+        means.update({"loss_student": 0.5 * jnp.mean(resid**2), "loss_lora": loss_lora,
+                      "x0_mean": jnp.mean(x0), "x0_sq_mean": jnp.mean(x0**2)})
         return means, student_grads, lora_grads
 
     def apply_grads(self, state: TrainState, student_grads, lora_grads, metrics, rng) -> tuple:
@@ -310,9 +346,14 @@ class VSD:
         step = state.step
         cond = self.text_encoder.apply({"params": frozen.text}, token_ids)
         noise = self.draw(step_rng, token_ids.shape[0])
-        grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
-        metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond, frozen.uncond,
-                                                      noise)
+        if self.config.clip_weight:
+            metrics, student_grads, lora_grads = self.losses_and_grads(
+                state.student, state.lora, frozen.teacher, cond, frozen.uncond, noise,
+                (frozen.clip, token_ids, self.clip_weight_at(step)))
+        else:
+            grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
+            metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond,
+                                                          frozen.uncond, noise)
         state, metrics = self.apply_grads(state, student_grads, lora_grads, metrics, rng)
         if self.config.lora_updates_per_step > 1:
             extra_rng = jax.random.fold_in(step_rng, 1)

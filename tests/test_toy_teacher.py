@@ -69,11 +69,30 @@ def test_teacher_ddim_draws_the_prompted_colour():
     assert result["color_accuracy"] >= MIN_TEACHER_COLOR_ACCURACY, result
 
 
+def write_random_clip(folder: str, teacher) -> str:
+    """A small random transformers CLIPModel that reads the teacher's token ids (for the CLIP loss)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    import reference
+
+    tokenizer = teacher.tokenizer
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=tokenizer.model_max_length, vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=teacher_arch.IMAGE_PX, patch_size=8)
+    model = reference.randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), 0)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("student_lora_rank", [0, 4])
 def test_short_distillation_trains_the_student(tmp_path, teacher, student_lora_rank):
     """Two steps of configs/shapes.py: the checkpoint holds a student moved away from the teacher, an EMA
     between them, a record that runs it, and its one-step samples differ from the teacher's. With
-    student_lora.rank > 0 the student is adapters over the teacher, recorded as such and merged to sample."""
+    student_lora.rank > 0, SwiftBrush v2's student B: adapters over the teacher (recorded as such and merged
+    to sample) trained with the clamped CLIP loss too (a random CLIP, the teacher's VAE as decoder)."""
     import jax
     from flax import traverse_util
 
@@ -86,9 +105,12 @@ def test_short_distillation_trains_the_student(tmp_path, teacher, student_lora_r
            "--workdir", str(workdir), "--config.total_steps=2", "--config.batch_size=2",
            "--config.sample_every=0", "--config.checkpoint_every=2", "--config.log_every=1",
            f"--config.student_lora.rank={student_lora_rank}", f"--config.student_lora.alpha={2 * student_lora_rank}"]
+    if student_lora_rank:
+        cmd += ["--config.vsd.clip_weight=0.1", f"--config.clip_model={write_random_clip(str(tmp_path / 'clip'), teacher)}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert ("loss_clip=" in run.stderr) == bool(student_lora_rank), run.stderr[-3000:]
     state, meta = read_on_one_device(str(workdir / "checkpoints"), 2)
     assert int(state["step"]) == 2 and int(state["skipped"]) == 0
     lora = None

@@ -430,3 +430,54 @@ def test_lora_student_matches_reference(setup):
         assert np.linalg.norm(got[name] - want) <= 2e-3 * np.linalg.norm(want) + 1e-4 * total, name
     for name, want in expected["lora_grads"].items():
         assert rel(lora_to_flat(lora_grads)[name], want) <= 1e-3, name
+
+
+def test_clip_loss_matches_reference(setup, results, tmp_path):
+    """SwiftBrush v2's clamped CLIP loss on x0 decoded by TAESD (random diffusers AutoencoderTiny, 8 -> 16 px)
+    and scored by a random transformers CLIPModel (12 px images: an antialiased resize): its value and the
+    student's gradient equal the reference's, and it changes that gradient; the LoRA gradient is untouched."""
+    from diffusers import AutoencoderTiny
+    from transformers import CLIPConfig, CLIPModel
+
+    from swiftbrush_jax.models.clip_model import load_clip_model
+    from swiftbrush_jax.models.taesd import load_taesd
+
+    s = setup
+    taesd_pt = reference.randomize(AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                                   num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)), 5).eval()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=12,
+                  patch_size=4)
+    clip_pt = reference.randomize(CLIPModel(CLIPConfig(text_config=dict(reference.TEXT_CONFIGS["sd21"]),
+                                                       vision_config=vision, projection_dim=16)), 6).eval()
+    taesd_pt.save_pretrained(str(tmp_path / "taesd"))
+    clip_pt.save_pretrained(str(tmp_path / "clip"))
+    taesd, taesd_params = load_taesd(str(tmp_path / "taesd"))
+    clip_model, clip_params = load_clip_model(str(tmp_path / "clip"))
+    ids = torch.randint(2, 900, (B, 77), generator=torch.Generator().manual_seed(9))
+    ids[:, 0], ids[:, 6] = 0, 1  # start, then the end-of-text token (eos id 1 here) where the text pools
+    weight, tau = 10.0, 0.35  # a large w, so the CLIP term is a good part of the student gradient
+
+    i = s["inputs"]
+    expected = ref.vsd_step_reference(s["student_pt"], s["teacher_pt"], s["lora_pt_unet"], i["cond"], i["uncond"],
+                                      i["z"], i["t_vsd"], i["eps_vsd"], i["t_lora"], i["eps_lora"], i["drop_mask"],
+                                      s["schedule"].alphas_cumprod,
+                                      clip=(clip_pt, lambda x: taesd_pt.decode(x).sample, ids, weight, tau))
+    vsd = dataclasses.replace(s["vsd"], config=VSDConfig(clip_weight=weight, clip_tau=tau), clip_model=clip_model,
+                              clip_decode=lambda p, x: taesd.apply({"params": p}, x, method="decode"))
+    clip_inputs = ({"model": clip_params, "decoder": taesd_params}, jnp.asarray(ids.numpy(), jnp.int32),
+                   jnp.float32(weight))
+    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+        s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
+        jax_noise(i), clip_inputs)
+    assert expected["loss_clip"] > 0
+    np.testing.assert_allclose(float(metrics["loss_clip"]), expected["loss_clip"], rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss_student"]), expected["loss_student"], rtol=2e-4)
+    got = params_to_state_dict(student_grads)
+    total = np.sqrt(sum(np.sum(v**2) for v in expected["student_grads"].values()))
+    for name, want in expected["student_grads"].items():
+        assert np.linalg.norm(got[name] - want) <= 2e-3 * np.linalg.norm(want) + 1e-4 * total, name
+    without_clip = params_to_state_dict(results[1][1])
+    changed = np.sqrt(sum(np.sum((got[k] - without_clip[k]) ** 2) for k in got))
+    assert changed > 0.05 * total, (changed, total)
+    for a, b in zip(jax.tree_util.tree_leaves(lora_grads), jax.tree_util.tree_leaves(results[1][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)

@@ -100,13 +100,16 @@ def _cfg(net, x, t, cond, uncond, guidance):
 
 def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, eps_vsd, t_lora, eps_lora,
                        drop_mask, alphas_cumprod, *, guidance=4.5, lora_guidance=None, student_t=999,
-                       prediction_type="epsilon", sds=False, x0_parameterization=True, student_loras=None):
+                       prediction_type="epsilon", sds=False, x0_parameterization=True, student_loras=None,
+                       clip=None):
     """Losses and gradients of one SwiftBrush step, exactly as docs/method.md §3 writes them.
 
     ``lora_guidance`` is the LoRA teacher's CFG scale (default: ``guidance``); the paper's ablations:
     ``sds`` replaces the LoRA teacher's score by the injected noise, ``x0_parameterization=False`` takes
     the student's output as its sample. ``student_loras`` (from ``add_lora``): the student is a LoRA over a
     frozen copy of the teacher, and its gradients are those of its adapters, in the JAX layout.
+    ``clip`` = (transformers CLIPModel, decode: x0 -> images in [-1, 1], CLIP token ids, w, tau) adds
+    SwiftBrush v2's clamped CLIP loss w mean(max(0, tau - cos)) to the student's loss (``loss_clip``).
 
     Student gradients come from ``loss_student`` only, LoRA gradients from
     ``loss_lora`` only. Returns a dict with ``loss_student``, ``loss_lora``
@@ -159,9 +162,25 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
     target = a_tl * eps_lora - s_tl * x0d if v_pred else eps_lora
     loss_lora = torch.mean(_per_sample(abar, t_lora) * (out - target) ** 2)
 
+    loss_clip = None
+    if clip is not None:
+        clip_model, decode, ids, weight, tau = clip
+        images = (decode(x0) + 1) / 2
+        size = clip_model.config.vision_config.image_size
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                                     align_corners=False)
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).reshape(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).reshape(1, 3, 1, 1)
+        image_features = _features(clip_model.get_image_features(pixel_values=(images - mean) / std))
+        text_features = _features(clip_model.get_text_features(input_ids=ids)).detach()
+        cos = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+        loss_clip = weight * torch.relu(tau - cos).mean()
+
     # Each loss is differentiated with respect to its own parameter tree only.
     student_params = _lora_params(student_loras) if student_loras else dict(student.named_parameters())
-    student_grads = torch.autograd.grad(loss_student, list(student_params.values()), allow_unused=True)
+    student_loss = loss_student if loss_clip is None else loss_student + loss_clip
+    student_grads = torch.autograd.grad(student_loss, list(student_params.values()), allow_unused=True)
     if student_loras:
         student_grads = [g.T for g in student_grads]
     lora_params = _lora_params(loras)
@@ -170,6 +189,7 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
     return {
         "loss_student": loss_student.item(),
         "loss_lora": loss_lora.item(),
+        "loss_clip": None if loss_clip is None else loss_clip.item(),
         "x0": x0.detach(),
         "vsd_grad": grad,
         "student_grads": {
@@ -178,6 +198,11 @@ def vsd_step_reference(student, teacher, lora_teacher, cond, uncond, z, t_vsd, e
         },
         "lora_grads": {name: g.T.numpy().copy() for name, g in zip(lora_params, lora_grads)},
     }
+
+
+def _features(output):
+    """Projected CLIP embeddings, whether transformers returns a tensor or a model output."""
+    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def _clipped_adam_step(params, grads, lr, b1, b2, eps, clip):

@@ -17,6 +17,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..weights import read_state_dict, state_dict_to_params
 from . import UnsupportedConfigError, read_config
@@ -24,6 +25,10 @@ from .clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextTransformer,
 
 # Tensors of a CLIPModel checkpoint that the cosine does not use.
 UNUSED_KEYS = ("logit_scale",)
+
+# OpenAI CLIP's pixel normalisation, which OpenCLIP's LAION models and HPSv2 keep.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,16 @@ def cosine(image_features, text_features):
     """Row-wise cosine similarity of two (B, D) embeddings."""
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     return jnp.sum(unit(image_features) * unit(text_features), axis=-1)
+
+
+def clip_pixels(images, size: int):
+    """Images in [-1, 1] (NHWC) as the CLIP image tower takes them: resized to size x size (bilinear,
+    antialiased when shrinking, as torch's ``interpolate(..., antialias=True)``), CLIP-normalised.
+    Differentiable, for a loss on generated images."""
+    images = (images.astype(jnp.float32) + 1.0) / 2.0
+    if images.shape[1:3] != (size, size):
+        images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear", antialias=True)
+    return (images - CLIP_MEAN) / CLIP_STD
 
 
 def load_clip_model(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):

@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..models.clip_model import CLIP_MEAN, CLIP_STD
 
 # OpenCLIP's model configs (open_clip/model_configs/ViT-g-14.json, ViT-H-14.json), in transformers' terms.
 VIT_G_14 = {"projection_dim": 1024,
@@ -37,9 +38,6 @@ VIT_H_14 = {"projection_dim": 1024,
             "text": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                      "intermediate_size": 4096, "max_position_embeddings": 77, "vocab_size": 49408}}
 
-# OpenAI CLIP's normalisation, which OpenCLIP's LAION models and HPSv2 keep (open_clip/constants.py).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 # Buffers an OpenCLIP state dict may hold that are recomputed, not learned.
 OPENCLIP_BUFFERS = ("attn_mask",)
