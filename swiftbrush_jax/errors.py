@@ -81,5 +81,9 @@ def parse_flags_or_exit(argv):
             culprit = next((a for a in overrides if unknown.group(1) in a), "a --config override")
             message = (f"unknown config key {unknown.group(1)!r} in {culprit}; "
                        "the keys are those of the config file (see swiftbrush_jax/config_base.py)")
-        print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr, flush=True)
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        text = lines[0] if lines else type(e).__name__
+        if text.endswith(":") and len(lines) > 1:  # absl's "Error whilst parsing config file:", then the cause
+            text = f"{text} {lines[-1]}"
+        print(f"error: {text}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
