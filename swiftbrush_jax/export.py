@@ -1,6 +1,7 @@
 """Export a trained student as a complete diffusers ``StableDiffusionPipeline`` folder.
 
     python -m swiftbrush_jax.export --workdir runs/sd21 --out swiftbrush-sd21 [--step N] [--no-ema]
+    python -m swiftbrush_jax.export --workdir runs/v2_b --out v2_b_lora --lora-only   # a LoRA student's adapters
 
 ``unet/`` is the student (float32 safetensors, the teacher's UNet config);
 ``vae/``, ``text_encoder/`` and ``tokenizer/`` are copied verbatim from the
@@ -128,20 +129,73 @@ def export(workdir: str, out: str, step: Optional[int] = None, ema: bool = True)
     return out
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def export_lora(workdir: str, out: str, step: Optional[int] = None, ema: bool = True) -> str:
+    """A LoRA student's adapters alone, for diffusers' ``load_lora_weights`` on the teacher, with the one-step
+    scheduler beside them; returns the absolute ``out``."""
+    from .checkpoint import load_student
+    from .lora import lora_scale, to_diffusers_lora
+    from .student import StudentRecord, resolve_teacher
+    from .weights import save_state_dict
+
+    out = prepare_out(out)
+    adapters, meta, step = load_student(workdir, step, ema)
+    record = StudentRecord.from_meta(meta, f"{workdir} step {step}")
+    if not record.lora:
+        raise UsageError(f"{workdir}: its student is a whole UNet, not a LoRA (student_lora.rank was 0); "
+                         f"export it without --lora-only")
+    teacher_root = resolve_teacher(record.teacher, workdir)
+    scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(teacher_root), record.t, record.output_is_x0)
+    state = to_diffusers_lora(adapters, lora_scale(record.lora["rank"], record.lora["alpha"]))
+    with storage.atomic_dir(out, written_last=LORA_WEIGHTS) as folder:
+        dio.write_scheduler(folder, scheduler_config)
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(lora_card(teacher_root if "hub" not in record.teacher else record.teacher["hub"]))
+        save_state_dict(state, os.path.join(folder, LORA_WEIGHTS))
+    return out
+
+
+def lora_card(teacher: str) -> str:
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, swiftbrush, one-step, distillation, lora]
+---
+
+# SwiftBrush one-step LoRA student
+
+Adapters that turn `{teacher}` into a one-step generator (a LoRA student of swiftbrush-jax).
+
+```python
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
+pipe.scheduler = DDIMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]
+```
+"""
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = ArgumentParser("python -m swiftbrush_jax.export", __doc__)
     parser.add_argument("--workdir", required=True, help="training workdir with checkpoints/ (a local folder or a URL such as gs://bucket/run)")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the diffusers pipeline (local or a URL)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw student instead of its EMA")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="a LoRA student's adapters alone (for diffusers' load_lora_weights on the teacher)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's restore notices are not for this tool's user
-    out = export(args.workdir, args.out, args.step, not args.no_ema)
-    print(f"exported {'EMA ' if not args.no_ema else ''}student of {args.workdir} to {out}", flush=True)
+    write = export_lora if args.lora_only else export
+    out = write(args.workdir, args.out, args.step, not args.no_ema)
+    what = "LoRA adapters" if args.lora_only else "student"
+    print(f"exported {'EMA ' if not args.no_ema else ''}{what} of {args.workdir} to {out}", flush=True)
 
 
 if __name__ == "__main__":

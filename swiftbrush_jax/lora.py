@@ -54,3 +54,18 @@ def fold(params, lora, scale: float):
                 raise ValueError(f"the adapter {'.'.join(module)} has no weight to merge into in this UNet")
             flat[module + ("kernel",)] = flat[module + ("kernel",)] + np.float32(scale) * (down @ up)
     return traverse_util.unflatten_dict(flat)
+
+
+def to_diffusers_lora(lora, scale: float, prefix: str = "unet") -> dict:
+    """Adapters in the PEFT layout diffusers' ``load_lora_weights`` reads: ``<prefix>.<module>.lora_A.weight``
+    [rank, in] and ``lora_B.weight`` [out, rank], numpy float32. The scale is folded into B, since diffusers
+    applies alpha / rank = 1 to a state dict that names no alpha."""
+    flat = traverse_util.flatten_dict(lora)
+    out = {}
+    for path in flat:
+        if path[-1] == "down":
+            name = ".".join((prefix,) + path[:-1])
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(flat[path], np.float32).T)
+            up = np.float32(scale) * np.asarray(flat[path[:-1] + ("up",)], np.float32)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(up.T)
+    return out

@@ -335,41 +335,76 @@ def test_merge_interpolates_students_into_a_diffusers_folder(workdir, exported, 
         merge.merge(str(root), exported, 0.5, str(root / "merged_nothing"))
 
 
-def test_lora_student_is_folded_for_sampling_and_export(workdir, root, latents):
-    """A LoRA student's checkpoint (adapters on q/k/v/out over the teacher, as the trainer saves it with
-    student_lora.rank > 0): sample and export merge the adapters into the teacher's weights; the merged UNet
-    computes what the teacher with the adapters computes, and diffusers' images of the export equal ours."""
-    from swiftbrush_jax.lora import fold, init_lora
-    from swiftbrush_jax.student import load_trained_student
+LORA = {"rank": 2, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+@pytest.fixture(scope="module")
+def lora_workdir(workdir, root):
+    """A LoRA student's workdir as the trainer saves it with student_lora.rank > 0: adapters on q/k/v/out over
+    the teacher (up != 0), the record naming rank, alpha and targets."""
+    from swiftbrush_jax.lora import init_lora
 
     teacher = os.path.join(workdir, "tiny_teacher")
-    unet, teacher_params = load_unet(os.path.join(teacher, "unet"))
-    rank, alpha, targets = 2, 4.0, ["to_q", "to_k", "to_v", "to_out.0"]
-    adapters = init_lora(jax.random.PRNGKey(3), teacher_params, rank, targets)
-    adapters = jax.tree_util.tree_map(lambda x: np.asarray(x) + np.float32(0.1), adapters)  # up != 0
+    _, teacher_params = load_unet(os.path.join(teacher, "unet"))
+    adapters = init_lora(jax.random.PRNGKey(3), teacher_params, LORA["rank"], LORA["targets"])
+    adapters = jax.tree_util.tree_map(lambda x: np.asarray(x) + np.float32(0.1), adapters)
     work = root / "lora_work"
     shutil.copytree(teacher, work / "tiny_teacher")
     mngr = ckpt.manager(str(work), keep=2, async_save=False)
     record = StudentRecord(teacher=teacher_reference(str(work / "tiny_teacher"), str(work)), t=999,
-                           output_is_x0=False, prediction_type="epsilon", latent_size=8,
-                           lora={"rank": rank, "alpha": alpha, "targets": targets})
+                           output_is_x0=False, prediction_type="epsilon", latent_size=8, lora=LORA)
     ckpt.save(mngr, 2, {"student": adapters, "ema": adapters, "step": np.int32(2)},
               {"student": record.as_dict(), "config": {"prompts": "shapes"}})
     mngr.wait_until_finished()
     mngr.close()
+    return str(work), teacher_params, adapters
 
-    folded = load_trained_student(str(work)).params
+
+def test_lora_student_is_folded_for_sampling_and_export(lora_workdir, root, latents):
+    """sample and export merge a LoRA student's adapters into the teacher's weights; the merged UNet computes
+    what the teacher with the adapters computes, and diffusers' images of the export equal ours."""
+    from swiftbrush_jax.lora import fold
+    from swiftbrush_jax.student import load_trained_student
+
+    work, teacher_params, adapters = lora_workdir
+    unet, _ = load_unet(os.path.join(work, "tiny_teacher", "unet"))
+    scale = LORA["alpha"] / LORA["rank"]
+    folded = load_trained_student(work).params
     x = np.random.RandomState(1).randn(2, 8, 8, 4).astype(np.float32)
     t, cond = np.array([999, 500], np.int32), np.random.RandomState(2).randn(2, 7, 32).astype(np.float32)
-    with_adapters = unet.clone(lora_scale=alpha / rank).apply({"params": teacher_params, "lora": adapters}, x, t, cond)
+    with_adapters = unet.clone(lora_scale=scale).apply({"params": teacher_params, "lora": adapters}, x, t, cond)
     merged = unet.apply({"params": folded}, x, t, cond)
     np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-4)
     assert np.abs(np.asarray(merged) - np.asarray(unet.apply({"params": teacher_params}, x, t, cond))).max() > 1e-2
-    np.testing.assert_allclose(jax.tree_util.tree_leaves(fold(teacher_params, adapters, alpha / rank))[0],
+    np.testing.assert_allclose(jax.tree_util.tree_leaves(fold(teacher_params, adapters, scale))[0],
                                jax.tree_util.tree_leaves(folded)[0])
 
-    out = export.export(str(work), str(root / "lora_exported"))
+    out = export.export(work, str(root / "lora_exported"))
     theirs = diffusers_images(out, PROMPTS, latents, steps=1, guidance=0.0)
-    ours = sample.BatchedSampler(sample.load_sampling_model(str(work)), len(PROMPTS))(PROMPTS,
-                                                                                    latents.transpose(0, 2, 3, 1))
+    ours = sample.BatchedSampler(sample.load_sampling_model(work), len(PROMPTS))(PROMPTS, latents.transpose(0, 2, 3, 1))
     assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+
+
+def test_lora_only_export_loads_in_diffusers(lora_workdir, workdir, root, latents):
+    """export --lora-only writes the adapters for diffusers' load_lora_weights: the teacher's pipeline with
+    them and the exported one-step scheduler gives our images; a whole student is refused."""
+    from diffusers import DDIMScheduler
+
+    work, _, _ = lora_workdir
+    out = export.export_lora(work, str(root / "lora_only"))
+    assert sorted(os.listdir(out)) == ["README.md", export.LORA_WEIGHTS, "scheduler"]
+    scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(work, "tiny_teacher"), scheduler=scheduler)
+    pipe.load_lora_weights(out)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, latents=torch.from_numpy(latents), num_inference_steps=1, guidance_scale=0.0,
+                      output_type="np").images
+    ours = sample.BatchedSampler(sample.load_sampling_model(work), len(PROMPTS))(PROMPTS, latents.transpose(0, 2, 3, 1))
+    assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+    plain = diffusers_images(os.path.join(work, "tiny_teacher"), PROMPTS, latents, 1, 0.0, scheduler=scheduler)
+    assert float(np.abs(plain - theirs).max()) > TOLERANCE  # the adapters matter
+    with pytest.raises(UsageError, match="not a LoRA"):
+        export.export_lora(workdir, str(root / "lora_only_refused"))
