@@ -5,7 +5,7 @@
 Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents
 (swiftbrush_jax.toy.teacher_training). The folder loads with
 ``pipeline.load_pipeline`` and with diffusers' ``StableDiffusionPipeline``.
-A stage whose component folder already exists in --out is loaded instead of
+A stage whose component folders already exist in --out is kept instead of
 retrained, so an interrupted run resumes at the stage it was in. The result
 is a deterministic function of the seeds below (on one platform).
 With --snapshot-every N, the UNet stage writes its EMA so far every N steps
@@ -106,7 +106,10 @@ def write_snapshot(out: str, text_config, unet_config, step: int, params) -> Non
 
 def make_denoiser(out: str, vae, vae_params, token_ids, vocab_size: int, unet_steps: int,
                   snapshot_every: int = 0) -> None:
-    """Stage 2: trains and writes unet/ and text_encoder/."""
+    """Stage 2: trains and writes unet/ and text_encoder/, unless --out already holds both."""
+    if all(os.path.exists(os.path.join(out, part, "config.json")) for part in ("unet", "text_encoder")):
+        print(f"[unet] reusing {out}/unet and {out}/text_encoder", flush=True)
+        return
     images, _, attributes = shapes.sample_dataset(TRAIN_IMAGES, TRAIN_IMAGES_SEED, arch.IMAGE_PX)
     means, stds = encode_dataset(vae, vae_params, images)
     scale = vae.config.scaling_factor
