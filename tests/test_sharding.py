@@ -91,3 +91,20 @@ def test_indivisible_batch_is_a_clear_error():
         sharding.check_batch(16, mesh, microbatches=3)
     with pytest.raises(sharding.ShardingError, match="fsdp=3 does not divide"):
         sharding.make_mesh(-1, 3)
+
+
+def test_lora_student_sharded_step_equals_single_device(setup):
+    """A LoRA student (adapters over the frozen teacher, which FSDP splits) on a 2x4 mesh ends two steps
+    where it does on one device; its train state holds adapters only."""
+    config, pipe, _, ids = setup
+    config = config.copy_and_resolve_references()
+    config.student_lora.rank, config.student_lora.alpha = 4, 8.0
+    lora_setup = (config, pipe, build_vsd(config, pipe), ids)
+    want, want_metrics, _ = run_steps(lora_setup, sharding.make_mesh(1, 1, jax.devices()[:1]))
+    got, got_metrics, _ = run_steps(lora_setup, sharding.make_mesh(2, 4, jax.devices()))
+    assert {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(got.student)} == {"down", "up"}
+    for k, rtol in (("loss_student", 1e-3), ("loss_lora", 1e-4), ("grad_norm_student", 1e-3)):
+        np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=rtol, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=2e-6,
+                                   err_msg=jax.tree_util.keystr(path))
