@@ -65,9 +65,8 @@ def truth_result(seeds: int, size_px: int, repeat: int) -> dict:
     prompts = shapes.all_prompts()
     counts = ev.images_per_prompt(prompts, seeds)
     images = ev.rendered_truth(prompts, counts, size_px, seed=ev.TRUE_IMAGES_SEED + 5_000 + 100 * repeat)
-    grid = np.stack([chunk[:seeds] for chunk in np.split(images, np.cumsum(counts)[:-1])])
     return {"description": "true renders (reference)", **ev.score_suite(images, prompts, counts),
-            "images": grid.reshape((-1,) + images.shape[1:])}
+            "images": ev.grid_images(images, counts, seeds)}
 
 
 def summary(name: str, description: str, repeats: list) -> dict:

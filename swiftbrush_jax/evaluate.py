@@ -42,6 +42,17 @@ def images_per_prompt(prompts: List[str], seeds: int) -> List[int]:
     return [seeds * shapes.open_choices(prompt) for prompt in prompts]
 
 
+def by_prompt(images: np.ndarray, counts: List[int]) -> List[np.ndarray]:
+    """Prompt-major images split into one array per prompt."""
+    return np.split(images, np.cumsum(counts)[:-1])
+
+
+def grid_images(images: np.ndarray, counts: List[int], seeds: int) -> np.ndarray:
+    """Each prompt's first `seeds` images, prompt-major: the rows of a grid."""
+    grid = np.stack([chunk[:seeds] for chunk in by_prompt(images, counts)])
+    return grid.reshape((-1,) + images.shape[1:])
+
+
 def rendered_truth(prompts: List[str], counts: List[int], size_px: int, seed: int = TRUE_IMAGES_SEED) -> np.ndarray:
     """counts[i] true renders of prompt i, prompt-major: random placement and background, open attributes
     drawn uniformly."""
@@ -90,7 +101,7 @@ def score_suite(images: np.ndarray, prompts: List[str], counts: List[int]) -> Di
     """Accuracy, coverage, diversity and Frechet distance of prompt-major images."""
     captions = [p for p, count in zip(prompts, counts) for _ in range(count)]
     result = metrics.score(images, captions)
-    result.update(metrics.diversity(np.split(images, np.cumsum(counts)[:-1])))
+    result.update(metrics.diversity(by_prompt(images, counts)))
     truth = rendered_truth(prompts, counts, images.shape[1])
     result["frechet_distance"] = metrics.frechet_distance(images, truth)
     return result
@@ -109,8 +120,7 @@ def evaluate(model: str, steps: Optional[int] = None, guidance: Optional[float] 
     result = {"model": model, "description": description, "steps": steps, "guidance": guidance,
               "num_prompts": len(prompts), "seeds": seeds, "noise_seed": noise_seed, "num_images": len(images),
               **score_suite(images, prompts, counts), "seconds": time.time() - t0}
-    grid = np.stack([chunk[:seeds] for chunk in np.split(images, np.cumsum(counts)[:-1])])
-    return {**result, "images": grid.reshape((-1,) + images.shape[1:])}
+    return {**result, "images": grid_images(images, counts, seeds)}
 
 
 TABLE_COLUMNS = ("color_accuracy", "shape_accuracy", "joint_accuracy", "coverage_distance", "pairwise_rms",

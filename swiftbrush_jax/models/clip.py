@@ -44,15 +44,18 @@ class CLIPTextConfig:
 
     @classmethod
     def from_transformers(cls, d: dict) -> "CLIPTextConfig":
-        act = d.get("hidden_act", cls.hidden_act)
-        if act not in ACTIVATIONS:
-            raise UnsupportedConfigError(
-                f"text_encoder config.json: hidden_act={act!r} is not supported (only {sorted(ACTIVATIONS)})"
-            )
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return config_from_transformers(cls, d, "text_encoder config.json")
 
     def to_transformers(self) -> dict:
         return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
+
+
+def config_from_transformers(cls, d: dict, what: str):
+    """A CLIP tower's config dataclass from transformers' dict: its own fields, a supported activation."""
+    act = d.get("hidden_act", cls.hidden_act)
+    if act not in ACTIVATIONS:
+        raise UnsupportedConfigError(f"{what}: hidden_act={act!r} is not supported (only {sorted(ACTIVATIONS)})")
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..weights import read_state_dict, state_dict_to_params
 from . import UnsupportedConfigError, read_config
-from .clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, layer_norm
+from .clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, config_from_transformers, layer_norm
 
 # Tensors of a CLIPModel checkpoint that the cosine does not use.
 UNUSED_KEYS = ("logit_scale",)
@@ -47,10 +47,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_transformers(cls, d: dict) -> "CLIPVisionConfig":
-        if d.get("hidden_act", cls.hidden_act) not in ACTIVATIONS:
-            raise UnsupportedConfigError(f"vision_config: hidden_act={d['hidden_act']!r} is not supported "
-                                         f"(only {sorted(ACTIVATIONS)})")
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return config_from_transformers(cls, d, "vision_config")
 
 
 class CLIPVisionEmbeddings(nn.Module):
