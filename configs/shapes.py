@@ -9,9 +9,8 @@ been re-tuned on the current one yet.
   so 1e-6 would leave the student a copy of the teacher after a few hundred
   steps; 2e-4 is a fine-tuning rate for a UNet this small (the teacher was
   trained at 1e-3). LoRA lr stays at the paper's 1e-3.
-* batch 8, 1200 steps: on the current teacher 3.7 steps/s on 2 CPU cores
-  (measured over 200 steps beside another job), about 7 minutes with the
-  start-up and compilation.
+* batch 8, 1200 steps: 4.1 steps/s on the 2-core development VM, idle;
+  6 min 14 s for the whole command, 75 s of it start-up and compilation.
 * LoRA rank 8 (paper 64 on 320-1280 wide layers; here 32-64 wide), alpha
   keeping the paper's alpha / rank = 108 / 64.
 * CFG 3 for the teacher (paper 4.5); on the previous teacher 4.5 bought no

@@ -1,5 +1,8 @@
 """Every training config key with the paper's defaults (docs/method.md §3, §4); configs/*.py override a few."""
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -56,3 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.microbatches = 1  # >1: each step's batch in this many sequential chunks, gradients summed (same update)
     c.latent_size = 0  # 0: the UNet's sample_size
     return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config([arg]) of a configs/*.py file, as `--config path[:arg]` gives the trainer, for scripts and tests."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)

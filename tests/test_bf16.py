@@ -1,7 +1,6 @@
 """The bf16 step learns the float32 step's student gradient: the guided difference e_teacher - e_lora, small
 next to each score early in a run, is computed in float32 (README, "bf16, measured and fixed")."""
 
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from swiftbrush_jax import train
+from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.lora import init_lora
 from swiftbrush_jax.pipeline import load_pipeline
 from swiftbrush_jax.tiny import make_tiny_pipeline
@@ -19,10 +19,7 @@ PERTURBATION = 0.005  # LoRA up-matrices ~ N(0, p^2): the LoRA teacher a little 
 
 
 def config_with(**dtypes):
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
     for key, value in dtypes.items():
         setattr(config, key, value)
     return config

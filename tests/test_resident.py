@@ -3,22 +3,19 @@ inputs, nothing else, and exactly what ``plan`` reports as resident."""
 
 import collections
 import gc
-import importlib.util
 import os
 
 import jax
 import pytest
 
 from swiftbrush_jax import plan, sharding, train
+from swiftbrush_jax.config_base import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
     config.mesh.data, config.mesh.fsdp, config.batch_size = 1, 8, 8
     return config
 

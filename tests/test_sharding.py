@@ -1,7 +1,6 @@
 """The train step on 8 simulated CPU devices equals the step on one device; the rule table's layouts."""
 
 import dataclasses
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from swiftbrush_jax import sharding
+from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.pipeline import load_pipeline
 from swiftbrush_jax.tiny import make_tiny_pipeline
 from swiftbrush_jax.train import build_vsd, frozen_inputs, initial_state
@@ -18,10 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 @pytest.fixture(scope="module")
