@@ -3,13 +3,16 @@
     python -m swiftbrush_jax.plan --config configs/sd21.py --devices 8 --config.mesh.fsdp=8 \
         [--per-device-batch 16] [--memory-gib 16] [--json plan.json] [--config.key=value ...]
     python -m swiftbrush_jax.plan --config configs/sd21.py --topology v5e:2x4 --config.mesh.fsdp=8
+    python -m swiftbrush_jax.plan --config configs/sd21_v2.py:b --devices 8 --config.mesh.fsdp=8 --resident-only
 
 The step is built exactly as the trainer builds it (``train.build_vsd``, the
 sharding rule table, the same jit shardings and donation) but from abstract
 parameters (``jax.ShapeDtypeStruct``), so no SD-size weight is ever allocated.
 It is compiled for ``--devices`` simulated CPU devices; XLA then reports the
 FLOPs of one step and the bytes each device holds. With ``--memory-gib`` it
-also searches for the largest per-device batch that fits.
+also searches for the largest per-device batch that fits. With ``--resident-only``
+it compiles nothing and reports what the trainer keeps on each device between
+steps (train state, frozen inputs, sampler inputs), which is exact, not a proxy.
 
 XLA's CPU memory analysis is a proxy for TPU/GPU memory: the buffer
 assignment differs by backend (fusion, layouts, bf16 handling), so treat the
@@ -42,6 +45,9 @@ _BATCH = flags.DEFINE_integer("per-device-batch", None, "Per-device batch; defau
 _MEMORY = flags.DEFINE_float("memory-gib", None, "Per-device memory budget in GiB: search the largest batch that fits.")
 _COMPILES = flags.DEFINE_integer("search-compiles", 4, "At most this many extra compiles for the batch search.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+_RESIDENT_ONLY = flags.DEFINE_bool(
+    "resident-only", False, "Report only what the trainer keeps on each device between steps (seconds, no compile): "
+    "enough to compare train states, e.g. a LoRA student against a whole one.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "Compile for this TPU slice instead of simulated CPU devices, e.g. v5e:2x4 (a v5e-8) or "
     "v5p:1x1x1 (one chip): the TPU compiler's own memory figures. Needs libtpu (pip install libtpu), not a TPU.")
@@ -56,6 +62,7 @@ PLAN_XLA_FLAGS = (
     # alive (+60% temporaries on the tiny step); accelerator schedulers order for memory, like this one.
     "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
+RESIDENT_NOTE = "nothing compiled: the resident set is counted exactly from the trainer's set-up; the step's peak needs a compile"
 TPU_NOTE = "memory from the TPU compiler (libtpu, ahead of time): what this TPU slice would allocate"
 PROXY_NOTE = ("memory from XLA's CPU buffer assignment: a proxy for TPU/GPU memory (backends differ in fusion, "
               "layout and bf16 handling); compare settings with it, leave headroom on the device")
@@ -375,41 +382,45 @@ def main(argv):
               f"{rows[-1].compile_s:.1f} s", flush=True)
         return rows[-1].total_bytes
 
-    total_at(per_device)
-    flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
-    search = None
-    if _MEMORY.value is not None:
+    flops, search = None, None
+    if not _RESIDENT_ONLY.value:
+        total_at(per_device)
+        flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
+    if _MEMORY.value is not None and not _RESIDENT_ONLY.value:
         search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value, config.microbatches)
 
     print(f"model: {source}")
     print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
     print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
-          f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}; "
+          f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}; student "
+          f"{f'LoRA rank {config.student_lora.rank}' if config.student_lora.rank else 'whole UNet'}; "
           f"microbatches {config.microbatches}")
     if rows:
         print(format_table(sorted(rows, key=lambda m: m.per_device_batch)))
     for e in sorted(refused, key=lambda e: e.per_device_batch):
         print(e)
-    print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
+    if rows or refused:
+        print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
     print(f"resident between steps, per device: {resident['resident_bytes'] / GIB:.3f} GiB (state "
           f"{resident['state_bytes'] / GIB:.3f}, frozen teacher and text encoder {resident['frozen_bytes'] / GIB:.3f}, "
           f"sampler inputs {resident['sampler_bytes'] / GIB:.3f}: the last is not among the step's arguments; "
           "peak = total + sampler inputs)")
-    print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
-          f"batch of {per_device * devices}, {flops / devices / 1e12:.1f} TFLOP per device")
+    if flops is not None:
+        print(f"model FLOPs per step (no recomputation; the basis of MFU): {flops / 1e12:.1f} TFLOP for the global "
+              f"batch of {per_device * devices}, {flops / devices / 1e12:.1f} TFLOP per device")
     if search is not None:
         fits = "none measured fits" if search.largest_measured_fit is None else str(search.largest_measured_fit)
         print(f"budget {_MEMORY.value:g} GiB per device: largest measured per-device batch that fits: {fits}")
         if search.fit_bytes_per_sample is not None:
             print(f"  linear fit: {search.fit_fixed_bytes / GIB:.2f} GiB fixed + "
                   f"{search.fit_bytes_per_sample / GIB:.3f} GiB per sample -> estimate {search.fit_estimate}")
-    print(f"note: {note}")
+    print(f"note: {RESIDENT_NOTE if _RESIDENT_ONLY.value else note}")
 
     if _JSON.value:
         report = {
             "model": source, "devices": devices, "mesh": dict(mesh.shape), "teacher_dtype": config.teacher_dtype,
             "student_compute_dtype": config.student_compute_dtype, "remat": config.remat,
-            "lora_rank": config.lora.rank, "microbatches": config.microbatches, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
+            "lora_rank": config.lora.rank, "student_lora_rank": config.student_lora.rank, "microbatches": config.microbatches, "backend": "tpu" if _TOPOLOGY.value else jax.default_backend(),
             "topology": _TOPOLOGY.value, "device_kind": kind, "jax": jax.__version__,
             "model_flops_per_step": flops, "model_flops_global_batch": per_device * devices, **resident,
             "measurements": [m.as_dict() for m in sorted(rows, key=lambda m: m.per_device_batch)],

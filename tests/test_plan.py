@@ -77,6 +77,34 @@ def test_argument_bytes_are_the_state_counted_independently(tiny_plan, tiny_stat
     assert m["argument_bytes"] == state + m["per_device_batch"] * ids_per_sample
 
 
+def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
+    """--resident-only compiles nothing; a LoRA student's state holds its adapters where a whole student's holds
+    the UNet (student, EMA and Adam's two moments of each), counted from the PyTorch UNet of the tiny config."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from swiftbrush_jax import tiny
+
+    def plan(name, *overrides):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "tiny.py"),
+               "--resident-only", "--json", str(out), *overrides]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "nothing compiled" in proc.stdout and "total GiB" not in proc.stdout
+        return json.loads(out.read_text())
+
+    whole = plan("whole")
+    lora = plan("lora", "--config.student_lora.rank=4", "--config.student_lora.alpha=4")
+    assert whole["measurements"] == lora["measurements"] == [] and lora["student_lora_rank"] == 4
+    unet = UNet2DConditionModel(**tiny.TINY_UNET)
+    unet_floats = sum(p.numel() for p in unet.parameters())
+    adapter_floats = sum(4 * (m.in_features + m.out_features) for name, m in unet.named_modules()
+                         if isinstance(m, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")))
+    assert whole["state_bytes"] - lora["state_bytes"] == 4 * 4 * (unet_floats - adapter_floats)
+    assert whole["frozen_bytes"] == lora["frozen_bytes"] and whole["sampler_bytes"] == lora["sampler_bytes"]
+
+
 def test_tpu_topology_is_compiled_by_the_tpu_compiler(tmp_path):
     """--topology compiles for a TPU slice without one (libtpu ahead of time): a v5e 2x2 with FSDP over 4."""
     out = tmp_path / "plan.json"
