@@ -31,6 +31,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
 COLUMNS = ("color_accuracy", "shape_accuracy", "joint_accuracy", "coverage_distance", "open_prompt_accuracy",
            "pairwise_rms", "frechet_distance")
+# coverage_distance split by what the prompt leaves open: "a circle" (colour), "a red shape" (shape), "a shape"
+COVERAGE_COLUMNS = ("coverage_color_open", "coverage_shape_open", "coverage_both_open")
 
 
 def distillations(lora_updates: int) -> dict:
@@ -65,14 +67,25 @@ def truth_result(seeds: int, size_px: int, repeat: int) -> dict:
     prompts = shapes.all_prompts()
     counts = ev.images_per_prompt(prompts, seeds)
     images = ev.rendered_truth(prompts, counts, size_px, seed=ev.TRUE_IMAGES_SEED + 5_000 + 100 * repeat)
-    return {"description": "true renders (reference)", **ev.score_suite(images, prompts, counts),
+    scores = ev.score_suite(images, prompts, counts)
+    return {"description": "true renders (reference)", **scores, **coverage_by_kind(scores["coverage_by_prompt"]),
             "images": ev.grid_images(images, counts, seeds)}
+
+
+def coverage_by_kind(coverage_by_prompt: dict) -> dict:
+    """The mean coverage distance of the prompts that leave the colour open, the shape open, and both."""
+    kinds = {key: [] for key in COVERAGE_COLUMNS}
+    for prompt, distance in coverage_by_prompt.items():
+        color, shape = shapes.parse_caption(prompt)
+        kinds[COVERAGE_COLUMNS[2] if color is None and shape is None else
+              COVERAGE_COLUMNS[0] if color is None else COVERAGE_COLUMNS[1]].append(distance)
+    return {key: float(np.mean(values)) for key, values in kinds.items() if values}
 
 
 def summary(name: str, description: str, repeats: list) -> dict:
     """Mean and standard deviation (ddof 1) of each column over the repeats."""
     out = {"name": name, "description": description, "repeats": repeats}
-    for key in COLUMNS:
+    for key in COLUMNS + COVERAGE_COLUMNS:
         values = [r[key] for r in repeats if key in r]
         if values:
             out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
@@ -80,11 +93,11 @@ def summary(name: str, description: str, repeats: list) -> dict:
     return out
 
 
-def markdown(rows: list) -> str:
-    head = "| row | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1)
+def markdown(rows: list, columns: tuple) -> str:
+    head = "| row | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1)
     lines = [head]
     for row in rows:
-        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k in COLUMNS]
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k in row else "-" for k in columns]
         lines.append(f"| {row['description']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,6 +141,7 @@ def main(argv=None) -> None:
             if r == 0:
                 ev.write_grid(os.path.join(args.out, f"shapes_{name}.png"), result["images"], args.seeds)
             result.pop("images")
+            result.update(coverage_by_kind(result["coverage_by_prompt"]))
             print(name, r, ev.table_row(result), flush=True)
             repeats.append(result)
         results.append(summary(name, description, repeats))
@@ -137,7 +151,7 @@ def main(argv=None) -> None:
         for t in truth[1:]:
             t.pop("images")
         results.append(summary("truth", "true renders (reference)", truth))
-    table = markdown(results)
+    table = markdown(results, COLUMNS) + "\n" + markdown(results, COVERAGE_COLUMNS)
     print(table)
     suffix = "" if not args.only else "_" + "_".join(args.only)
     with open(os.path.join(args.out, f"shapes_table{suffix}.md"), "w") as f:

@@ -225,20 +225,29 @@ def score_analysis(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -> D
         named_ok = (analysis["found"] & np.where(color_wanted >= 0, color_ok, True)
                     & np.where(shape_wanted >= 0, shape_ok, True))
         result["open_prompt_accuracy"] = float(named_ok[~specified].mean())
+        result["coverage_by_prompt"] = coverage_by_prompt(analysis, prompts)
         result["coverage_distance"] = coverage_distance(analysis, prompts)
     return result
 
 
 def coverage_distance(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -> float:
-    """Mean over the under-specified prompts of the total-variation distance between the generated and the
-    true distribution of their open attributes.
+    """Mean over the under-specified prompts of coverage_by_prompt."""
+    by_prompt = coverage_by_prompt(analysis, prompts)
+    if not by_prompt:
+        raise ValueError("coverage_distance needs an under-specified prompt")
+    return float(np.mean(list(by_prompt.values())))
+
+
+def coverage_by_prompt(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -> Dict[str, float]:
+    """Each under-specified prompt's total-variation distance between the generated and the true distribution
+    of its open attributes (which prompt a generator fails to cover, where coverage_distance says how much).
 
     The truth is uniform over the open (colour, shape) combinations: 6 for "a circle", 3 for "a red shape",
     18 for "a shape". An image in which no shape was found is an outcome the truth never has. 0 is perfect
     coverage; all images of "a circle" in one colour give 5/6. From n images a perfect generator still
     scores about 0.4 * sqrt((k - 1) / n) for k combinations (sampling noise): compare generators at equal n.
     """
-    distances = []
+    distances = {}
     for prompt in dict.fromkeys(prompts):
         color, shape = shapes.parse_caption(prompt)
         if color is not None and shape is not None:
@@ -254,10 +263,8 @@ def coverage_distance(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -
         for c in (range(len(shapes.COLOR_NAMES)) if color is None else [0]):
             for s in (range(len(shapes.SHAPES)) if shape is None else [0]):
                 truth[c * len(shapes.SHAPES) + s] = 1.0 / choices
-        distances.append(0.5 * (np.abs(generated - truth).sum() + (~found).mean()))
-    if not distances:
-        raise ValueError("coverage_distance needs an under-specified prompt")
-    return float(np.mean(distances))
+        distances[prompt] = float(0.5 * (np.abs(generated - truth).sum() + (~found).mean()))
+    return distances
 
 
 def mean_pairwise_rms(images) -> float:

@@ -219,6 +219,7 @@ def test_coverage_distance_of_true_and_collapsed_generators():
                                 _renders_of("a shape", n["a shape"], 9, color=2, shape=2)])
     result = metrics.score(collapsed, captions)
     assert result["coverage_distance"] == pytest.approx(np.mean([5 / 6, 2 / 3, 17 / 18]))
+    assert result["coverage_by_prompt"] == pytest.approx({"a circle": 5 / 6, "a blue shape": 2 / 3, "a shape": 17 / 18})
 
     blank = np.full((n["a circle"], 32, 32, 3), 80, np.uint8)  # no shape found: an outcome the truth lacks
     assert metrics.score(blank, ["a circle"] * len(blank))["coverage_distance"] == pytest.approx(1.0)
