@@ -226,13 +226,17 @@ def score_analysis(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -> D
                     & np.where(shape_wanted >= 0, shape_ok, True))
         result["open_prompt_accuracy"] = float(named_ok[~specified].mean())
         result["coverage_by_prompt"] = coverage_by_prompt(analysis, prompts)
-        result["coverage_distance"] = coverage_distance(analysis, prompts)
+        result["coverage_distance"] = mean_coverage(result["coverage_by_prompt"])
     return result
 
 
 def coverage_distance(analysis: Dict[str, np.ndarray], prompts: Sequence[str]) -> float:
     """Mean over the under-specified prompts of coverage_by_prompt."""
-    by_prompt = coverage_by_prompt(analysis, prompts)
+    return mean_coverage(coverage_by_prompt(analysis, prompts))
+
+
+def mean_coverage(by_prompt: Dict[str, float]) -> float:
+    """coverage_distance from coverage_by_prompt's result."""
     if not by_prompt:
         raise ValueError("coverage_distance needs an under-specified prompt")
     return float(np.mean(list(by_prompt.values())))

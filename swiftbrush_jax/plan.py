@@ -386,8 +386,8 @@ def main(argv):
     if not _RESIDENT_ONLY.value:
         total_at(per_device)
         flops = model_flops(config, abstract_pipeline(configs), per_device * devices)
-    if _MEMORY.value is not None and not _RESIDENT_ONLY.value:
-        search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value, config.microbatches)
+        if _MEMORY.value is not None:
+            search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value, config.microbatches)
 
     print(f"model: {source}")
     print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")

@@ -42,6 +42,14 @@ def test_json_holds_one_measurement_per_device(tiny_plan):
     assert report["model_flops_per_step"] > 0 and report["model_flops_global_batch"] == 4
 
 
+def adapter_floats(unet, rank, suffixes):
+    """Parameters of rank-`rank` LoRA adapters (down and up) on a PyTorch UNet's linear layers named *suffix."""
+    import torch
+
+    return sum(rank * (m.in_features + m.out_features) for name, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(suffixes))
+
+
 @pytest.fixture(scope="module")
 def tiny_state_bytes():
     """(train state + frozen inputs, token ids per sample) in bytes for configs/tiny.py, counted from the
@@ -50,7 +58,6 @@ def tiny_state_bytes():
     empty-prompt embedding, and the scalars (step, two skip counters, the RNG key, two Adam counts)."""
     import tempfile
 
-    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -62,8 +69,7 @@ def tiny_state_bytes():
     unet = UNet2DConditionModel(**tiny.TINY_UNET)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **tiny.TINY_TEXT))
     count = lambda m: sum(p.numel() for p in m.parameters())
-    lora = sum(4 * (m.in_features + m.out_features) for name, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.endswith((".to_q", ".to_v")))
+    lora = adapter_floats(unet, 4, (".to_q", ".to_v"))
     tokens, width = text.config.max_position_embeddings, text.config.hidden_size
     floats = 4 * count(unet) + 3 * lora + count(unet) + count(text) + tokens * width
     return 4 * floats + 4 * 3 + 8 + 4 * 2, 4 * tokens
@@ -80,7 +86,6 @@ def test_argument_bytes_are_the_state_counted_independently(tiny_plan, tiny_stat
 def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     """--resident-only compiles nothing; a LoRA student's state holds its adapters where a whole student's holds
     the UNet (student, EMA and Adam's two moments of each), counted from the PyTorch UNet of the tiny config."""
-    import torch
     from diffusers import UNet2DConditionModel
 
     from swiftbrush_jax import tiny
@@ -99,9 +104,8 @@ def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     assert whole["measurements"] == lora["measurements"] == [] and lora["student_lora_rank"] == 4
     unet = UNet2DConditionModel(**tiny.TINY_UNET)
     unet_floats = sum(p.numel() for p in unet.parameters())
-    adapter_floats = sum(4 * (m.in_features + m.out_features) for name, m in unet.named_modules()
-                         if isinstance(m, torch.nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")))
-    assert whole["state_bytes"] - lora["state_bytes"] == 4 * 4 * (unet_floats - adapter_floats)
+    adapters = adapter_floats(unet, 4, (".to_q", ".to_k", ".to_v", ".to_out.0"))
+    assert whole["state_bytes"] - lora["state_bytes"] == 4 * 4 * (unet_floats - adapters)
     assert whole["frozen_bytes"] == lora["frozen_bytes"] and whole["sampler_bytes"] == lora["sampler_bytes"]
 
 
