@@ -3,7 +3,9 @@
     python -m swiftbrush_jax.toy.make_teacher --out swiftbrush_jax/toy/teacher
 
 Stage 1 trains the VAE, stage 2 the UNet and text encoder on its latents
-(swiftbrush_jax.toy.teacher_training). The folder loads with
+(swiftbrush_jax.toy.teacher_training), stage 3 the world's own CLIP for
+SwiftBrush v2's CLIP loss, written to <out>/clip/ as a transformers
+``CLIPModel`` folder (diffusers ignores it: it is not in model_index.json). The folder loads with
 ``pipeline.load_pipeline`` and with diffusers' ``StableDiffusionPipeline``.
 A stage whose component folders already exist in --out is kept instead of
 retrained, so an interrupted run resumes at the stage it was in. The result
@@ -23,20 +25,24 @@ import numpy as np
 
 from .. import diffusers_io as dio
 from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.clip_model import CLIPModel, CLIPVisionConfig, clip_pixels, cosine
 from ..models.unet import UNet2DConditionModel, UNetConfig, unet_config_to_diffusers
 from ..models.vae import AutoencoderKL, VAEConfig, load_vae
 from ..pipeline import load_tokenizer
 from ..schedule import NoiseSchedule
+from ..weights import params_to_state_dict, save_state_dict
 from . import shapes
 from . import teacher_arch as arch
 from .teacher_training import (StageConfig, caption_rows, encode_dataset, finetune_decoder, init_params,
-                               latent_scaling_factor, train_denoiser, train_vae)
+                               latent_scaling_factor, to_signed, train_clip, train_denoiser, train_vae)
 
 VAE_STAGE = StageConfig(steps=1000, batch_size=16, lr=1e-3, warmup_steps=50, seed=1)
 DECODER_STAGE = StageConfig(steps=600, batch_size=16, lr=1e-3, warmup_steps=20, seed=4)
 VAE_KL_WEIGHT = 1e-4  # per latent element, against a per-pixel L1: keeps the posterior nearly deterministic
 DENOISER_STAGE = StageConfig(steps=5000, batch_size=64, lr=1e-3, warmup_steps=200, seed=2)
 DENOISER_EMA = 0.999
+CLIP_STAGE = StageConfig(steps=2000, batch_size=128, lr=1e-3, warmup_steps=100, seed=5)
+CLIP_FOLDER = "clip"
 TRAIN_IMAGES, TRAIN_IMAGES_SEED = 32768, 3
 INIT_SEED = 0
 
@@ -133,12 +139,59 @@ def make_denoiser(out: str, vae, vae_params, token_ids, vocab_size: int, unet_st
     write_denoiser(out, text, unet_arch, ema)
 
 
+def clip_config(vocab_size: int) -> dict:
+    """The world's CLIP as transformers' CLIPModel config.json."""
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": arch.CLIP_PROJECTION,
+            "logit_scale_init_value": 2.6592, "text_config": text_config(vocab_size).to_transformers(),
+            "vision_config": {"model_type": "clip_vision_model", "projection_dim": arch.CLIP_PROJECTION,
+                              **arch.CLIP_VISION}}
+
+
+def clip_zero_shot(model, params, token_ids, n: int = 1024, seed: int = 77) -> dict:
+    """The CLIP on n held-out renders: how often its nearest fully specified prompt is the image's own, and
+    the mean cosine with the image's own prompt and with the nearest wrong one."""
+    prompts = shapes.all_prompts()
+    specified = [prompts.index(p) for p in shapes.specified_prompts()]
+    images, _, attributes = shapes.sample_dataset(n, seed, arch.IMAGE_PX)
+    own = caption_rows(attributes, prompts)[:, 0]
+    pixels = clip_pixels(jnp.asarray(to_signed(images)), model.vision_config.image_size)
+    image, text = model.apply({"params": params}, pixels, jnp.asarray(np.asarray(token_ids)[specified]))
+    cos = np.array(cosine(image[:, None, :], text[None, :, :]))  # (n, 18)
+    own_column = np.array([specified.index(i) for i in own])
+    own_cos = cos[np.arange(n), own_column]
+    cos[np.arange(n), own_column] = -np.inf
+    return {"zero_shot_accuracy": float(np.mean(own_cos > cos.max(1))), "own_prompt_cosine": float(own_cos.mean()),
+            "nearest_wrong_cosine": float(cos.max(1).mean())}
+
+
+def make_clip(out: str, token_ids, vocab_size: int, steps: int) -> None:
+    """Stage 3: trains and writes <out>/clip/, unless it exists."""
+    folder = os.path.join(out, CLIP_FOLDER)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        print(f"[clip] reusing {folder}", flush=True)
+        return
+    config = clip_config(vocab_size)
+    vision = CLIPVisionConfig.from_transformers(config["vision_config"])
+    model = CLIPModel(text_config(vocab_size), vision, arch.CLIP_PROJECTION)
+    pixels = jnp.zeros((1, arch.IMAGE_PX, arch.IMAGE_PX, 3))
+    params = {"model": init_params(model, INIT_SEED + 3, pixels, jnp.zeros((1, arch.MAX_TOKENS), jnp.int32)),
+              "logit_scale": jnp.float32(config["logit_scale_init_value"])}
+    params = train_clip(model, params, np.asarray(token_ids, np.int32), dataclasses.replace(CLIP_STAGE, steps=steps),
+                        arch.IMAGE_PX)
+    print(f"[clip] held-out renders: {clip_zero_shot(model, params['model'], token_ids)}", flush=True)
+    state = {**params_to_state_dict(params["model"]), "logit_scale": np.asarray(params["logit_scale"], np.float32)}
+    os.makedirs(folder, exist_ok=True)
+    dio.write_json(os.path.join(folder, "config.json"), config)
+    save_state_dict(state, os.path.join(folder, dio.TEXT_WEIGHTS))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="diffusers folder to write")
     parser.add_argument("--vae-steps", type=int, default=VAE_STAGE.steps)
     parser.add_argument("--decoder-steps", type=int, default=DECODER_STAGE.steps)
     parser.add_argument("--unet-steps", type=int, default=DENOISER_STAGE.steps)
+    parser.add_argument("--clip-steps", type=int, default=CLIP_STAGE.steps)
     parser.add_argument("--snapshot-every", type=int, default=0,
                         help="write the UNet stage's EMA so far to <out>/snapshot/ every N steps (0: never)")
     args = parser.parse_args(argv)
@@ -147,6 +200,7 @@ def main(argv=None) -> None:
     token_ids, vocab_size = write_tokenizer(args.out)
     vae, vae_params = make_vae(args.out, args.vae_steps, args.decoder_steps)
     make_denoiser(args.out, vae, vae_params, token_ids, vocab_size, args.unet_steps, args.snapshot_every)
+    make_clip(args.out, token_ids, vocab_size, args.clip_steps)
     dio.write_scheduler(args.out, arch.SCHEDULER)
     dio.write_model_index(args.out, "DDPMScheduler")
     print(f"wrote {args.out} in {time.time() - t0:.0f} s", flush=True)

@@ -46,3 +46,9 @@ SCHEDULER = {
     "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
     "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
 }
+# The world's CLIP (SwiftBrush v2's CLIP loss, docs/method.md §6): transformers' CLIPModel at laptop size. Its
+# text tower is the teacher text encoder's architecture over the same tokenizer (the loss scores the student's
+# images against the prompt's token ids); its image tower a ViT over the 32 px renders in 4 px patches.
+CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=IMAGE_PX, patch_size=4, num_channels=3, hidden_act="quick_gelu")
+CLIP_PROJECTION = 64

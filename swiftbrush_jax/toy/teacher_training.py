@@ -202,3 +202,56 @@ def train_denoiser(unet, text_encoder, params: Dict, latents: Tuple[np.ndarray, 
 def init_params(module, seed: int, *inputs) -> Dict:
     """A module's freshly initialised params for example inputs."""
     return jax.jit(module.init)(jax.random.PRNGKey(seed), *inputs)["params"]
+
+
+def clip_targets(rows: jnp.ndarray, captions: jnp.ndarray) -> jnp.ndarray:
+    """(B, B) soft targets of the contrastive loss: entry (i, j) is 1 / (number of captions in the batch that
+    describe image i) where caption j describes image i (it is among rows[i]), else 0. "a circle" thus
+    counts as a match for every circle in the batch, not as a negative."""
+    match = jnp.any(rows[:, :, None] == captions[None, None, :], axis=1).astype(jnp.float32)
+    return match / jnp.sum(match, axis=1, keepdims=True)
+
+
+def train_clip(model, params: Dict, token_ids: np.ndarray, stage: StageConfig, image_px: int,
+               log_every: int = 100) -> Dict:
+    """Stage 3: the world's CLIP, trained contrastively (CLIP's symmetric cross-entropy with a learned
+    temperature) on fresh renders captioned as stage 2 captions them (CAPTION_VARIANTS, no empty prompt).
+    A caption that leaves an attribute open is a positive for every image it describes (clip_targets).
+    params: {"model": CLIPModel params, "logit_scale": scalar}; returns them trained."""
+    from ..models.clip_model import clip_pixels
+
+    tx = adam(stage)
+    ids = jnp.asarray(token_ids)
+    variant_logits = jnp.log(jnp.asarray(CAPTION_VARIANTS))
+    prompts = shapes.all_prompts()
+
+    def loss_fn(p, pixels, rows, key):
+        captions = rows[jnp.arange(len(rows)), jax.random.categorical(key, variant_logits, shape=(len(rows),))]
+        image, text = model.apply({"params": p["model"]}, pixels, ids[captions])
+        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        logits = jnp.exp(p["logit_scale"]) * unit(image) @ unit(text).T
+        targets = clip_targets(rows, captions)
+        to_text = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=1), axis=1)
+        described = (targets > 0).T  # text j's positives: the images it describes
+        to_image = -jnp.sum(described / jnp.sum(described, 1, keepdims=True) * jax.nn.log_softmax(logits.T, 1), 1)
+        return 0.5 * (jnp.mean(to_text) + jnp.mean(to_image))
+
+    @jax.jit
+    def step_fn(p, opt, pixels, rows, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, pixels, rows, key)
+        updates, opt = tx.update(grads, opt, p)
+        p = optax.apply_updates(p, updates)
+        return {**p, "logit_scale": jnp.minimum(p["logit_scale"], jnp.log(100.0))}, opt, loss
+
+    pixels_of = jax.jit(lambda images: clip_pixels(images, model.vision_config.image_size))
+    opt = tx.init(params)
+    key = jax.random.PRNGKey(stage.seed)
+    t0 = time.time()
+    for step in range(stage.steps):
+        images, _, attributes = shapes.sample_dataset(stage.batch_size, stage.seed * 1_000_003 + step, image_px)
+        rows = jnp.asarray(caption_rows(attributes, prompts))
+        params, opt, loss = step_fn(params, opt, pixels_of(jnp.asarray(to_signed(images))), rows,
+                                    jax.random.fold_in(key, step))
+        if (step + 1) % log_every == 0 or step + 1 == stage.steps:
+            log_progress("clip", step + 1, stage.steps, float(loss), t0)
+    return params
