@@ -1,9 +1,11 @@
 """LoRA adapters as a parameter tree of their own, laid over a frozen UNet tree.
 
 The tree mirrors the UNet's module paths and holds, for each adapted
-projection, ``down`` [in, rank] and ``up`` [rank, out]. ``layers.LoRADense``
+linear layer, ``down`` [in, rank] and ``up`` [rank, out]. ``layers.LoRADense``
 picks them up from the ``lora`` variable collection, so the LoRA teacher is the
 teacher's own parameters plus this small tree: no second copy of the weights.
+Adaptable: the attention projections and the transformer blocks' other linear
+layers (SUPPORTED_TARGETS); not the convolutions or the time embedding.
 """
 
 from typing import Sequence
@@ -13,15 +15,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .errors import UsageError
+
+
+# Linear layers of the UNet's transformer blocks, by the end of their diffusers module names: the attention
+# projections, the feed-forward's two layers, and the projections in and out of each transformer (linear in SD
+# 2.x; 1x1 convolutions in SD 1.x, which are not adapted).
+SUPPORTED_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
 
 def adapted_paths(params, targets: Sequence[str]) -> list:
-    """Module paths (tuples) of attention projections named in ``targets``."""
+    """Module paths (tuples) of the linear layers whose names end with one of ``targets``."""
+    unknown = sorted(set(targets) - set(SUPPORTED_TARGETS))
+    if unknown:
+        raise UsageError(f"LoRA targets {unknown} are not supported; choose from {', '.join(SUPPORTED_TARGETS)}")
+    named = lambda path: ".".join(path).endswith(tuple("." + t for t in targets))
     flat = traverse_util.flatten_dict(params)
-    paths = sorted({p[:-1] for p in flat if p[-1] == "kernel" and len(p) >= 3 and p[-2] in targets
-                    and p[-3].startswith("attn")})
+    paths = sorted({p[:-1] for p in flat if p[-1] == "kernel" and len(flat[p].shape) == 2 and named(p[:-1])})
     if not paths:
-        raise ValueError(f"no attention projections named {list(targets)} in the UNet; "
-                         "valid targets are to_q, to_k, to_v, to_out.0")
+        raise UsageError(f"no linear layers named {list(targets)} in the UNet (1x1 convolutions are not adapted)")
     return paths
 
 

@@ -24,6 +24,7 @@ from swiftbrush_jax import export, sample
 from swiftbrush_jax import tiny
 from swiftbrush_jax.errors import UsageError, exit_on_user_error
 from swiftbrush_jax.generate import to_uint8
+from swiftbrush_jax.lora import SUPPORTED_TARGETS
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
 from swiftbrush_jax.student import StudentRecord, teacher_reference
@@ -335,7 +336,7 @@ def test_merge_interpolates_students_into_a_diffusers_folder(workdir, exported, 
         merge.merge(str(root), exported, 0.5, str(root / "merged_nothing"))
 
 
-LORA = {"rank": 2, "alpha": 4.0, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+LORA = {"rank": 2, "alpha": 4.0, "targets": list(SUPPORTED_TARGETS)}  # every linear layer that can be adapted
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +384,14 @@ def test_lora_student_is_folded_for_sampling_and_export(lora_workdir, root, late
     theirs = diffusers_images(out, PROMPTS, latents, steps=1, guidance=0.0)
     ours = sample.BatchedSampler(sample.load_sampling_model(work), len(PROMPTS))(PROMPTS, latents.transpose(0, 2, 3, 1))
     assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+
+
+def test_lora_targets_other_than_linear_layers_are_refused(lora_workdir):
+    from swiftbrush_jax.lora import init_lora
+
+    _, teacher_params, _ = lora_workdir
+    with pytest.raises(UsageError, match="not supported; choose from to_q"):
+        init_lora(jax.random.PRNGKey(0), teacher_params, 2, ["to_q", "conv1"])
 
 
 def test_lora_only_export_loads_in_diffusers(lora_workdir, workdir, root, latents):

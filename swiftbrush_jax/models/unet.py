@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from .. import weights
 from ..sharding import shard_batch
 from . import UnsupportedConfigError, read_config
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from .layers import Attention, Downsample2D, LoRADense, ResnetBlock2D, Upsample2D, conv, group_norm
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -198,23 +198,26 @@ class GEGLU(nn.Module):
     """Dense to twice the width, then value * exact-GELU(gate)."""
 
     features: int
+    lora_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        value, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        projected = LoRADense(2 * self.features, True, self.lora_scale, self.dtype, name="proj")(x)
+        value, gate = jnp.split(projected, 2, axis=-1)
         return value * nn.gelu(gate, approximate=False)
 
 
 class FeedForward(nn.Module):
     """diffusers' ``FeedForward`` with GEGLU at 4x width (``net.1`` is dropout, no params)."""
 
+    lora_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        h = GEGLU(4 * x.shape[-1], self.dtype, name="net.0")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net.2")(h)
+        h = GEGLU(4 * x.shape[-1], self.lora_scale, self.dtype, name="net.0")(x)
+        return LoRADense(x.shape[-1], True, self.lora_scale, self.dtype, name="net.2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -234,7 +237,7 @@ class BasicTransformerBlock(nn.Module):
                                       query_block=self.query_block, dtype=self.dtype, name=name)
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
-        return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
+        return x + FeedForward(self.lora_scale, self.dtype, name="ff")(norm("norm3")(x))
 
 
 class Transformer2DModel(nn.Module):
@@ -256,14 +259,14 @@ class Transformer2DModel(nn.Module):
         inner = self.heads * dim_head
         y = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
         if self.linear_projection:
-            y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+            y = LoRADense(inner, True, self.lora_scale, self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
             y = conv(inner, 1, self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
         for i in range(self.depth):
             y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.query_block,
                                       self.dtype, name=f"transformer_blocks.{i}")(y, context)
         if self.linear_projection:
-            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+            y = LoRADense(c, True, self.lora_scale, self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
             y = conv(c, 1, self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
         return shard_batch((y + x).astype(self.dtype))
