@@ -5,12 +5,15 @@
 Distils the shipped teacher with configs/shapes.py, --repeats times per row with
 training seeds 0, 1, 2, ...: SwiftBrush, the plain-SDS ablation (no LoRA
 teacher), the no-x0 ablation (student output taken as x0), the two
-time-scale variant (--lora-updates LoRA-teacher updates per student update)
-and a LoRA teacher learning 3 times faster (lr 3e-3) at one update per step.
+time-scale variant (--lora-updates LoRA-teacher updates per student update),
+a LoRA teacher learning 3 times faster (lr 3e-3) at one update per step, and
+SwiftBrush v2 (configs/shapes.py:v2_b: student B, a LoRA student with the
+CLIP loss, also without it; student A is the SwiftBrush row; the merge of A and
+B of each seed).
 A finished workdir is reused, so an interrupted table resumes. Each repeat r is
 evaluated on held-out noise seed NOISE_SEED + r (the teacher's rows too), so a
 row's spread holds both training and sampling variance. Rows: teacher DDIM
-with CFG, teacher in one step (x0 at T-1), the five students in one step, and
+with CFG, teacher in one step (x0 at T-1), the students and the merge in one step, and
 true renders (the metrics' floor / ceiling). Writes
 benchmarks/results/shapes_table.{md,json} and one grid PNG per row (repeat 0;
 rows: prompts, the under-specified ones last; columns: seeds).
@@ -37,23 +40,30 @@ COVERAGE_COLUMNS = ("coverage_color_open", "coverage_shape_open", "coverage_both
 
 
 def distillations(lora_updates: int) -> dict:
-    """name -> config overrides of each distilled row."""
+    """name -> (config argument, config overrides) of each distilled row."""
     return {
-        "swiftbrush": [],
-        "sds_ablation": ["--config.vsd.use_lora_teacher=False"],
-        "no_x0_ablation": ["--config.vsd.student_x0_parameterization=False"],
-        f"two_time_scale_{lora_updates}": [f"--config.vsd.lora_updates_per_step={lora_updates}"],
-        "lora_lr_3e-3": ["--config.lora_optimizer.lr=3e-3"],
+        "swiftbrush": ("", []),
+        "sds_ablation": ("", ["--config.vsd.use_lora_teacher=False"]),
+        "no_x0_ablation": ("", ["--config.vsd.student_x0_parameterization=False"]),
+        f"two_time_scale_{lora_updates}": ("", [f"--config.vsd.lora_updates_per_step={lora_updates}"]),
+        "lora_lr_3e-3": ("", ["--config.lora_optimizer.lr=3e-3"]),
+        "v2_b": ("v2_b", []),
+        "v2_b_no_clip": ("v2_b", ["--config.vsd.clip_weight=0"]),  # what the CLIP loss does to student B
     }
 
 
-def train(runs: str, name: str, overrides: list, seed: int, steps: int) -> tuple:
+# name -> (student A's row, student B's row, B's weight): SwiftBrush v2's merge of two students of one seed.
+MERGES = {"v2_merged": ("swiftbrush", "v2_b", 0.5)}
+
+
+def train(runs: str, name: str, config_arg: str, overrides: list, seed: int, steps: int) -> tuple:
     """(workdir, wall seconds or None when reused) of one distillation."""
     workdir = os.path.join(runs, f"shapes_{name}_seed{seed}")
     if os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         print(f"reusing {workdir}", flush=True)
         return workdir, None
-    cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", CONFIG, "--workdir", workdir,
+    config = CONFIG + (f":{config_arg}" if config_arg else "")
+    cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", config, "--workdir", workdir,
            f"--config.seed={seed}", f"--config.total_steps={steps}", f"--config.checkpoint_every={steps}"] + overrides
     os.makedirs(workdir, exist_ok=True)
     print("running", " ".join(cmd), flush=True)
@@ -62,6 +72,16 @@ def train(runs: str, name: str, overrides: list, seed: int, steps: int) -> tuple
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             raise SystemExit(f"{name} seed {seed} failed; see {log.name}")
     return workdir, time.time() - start
+
+
+def merge(runs: str, name: str, a: str, b: str, weight: float) -> str:
+    """The exported folder of ``swiftbrush_jax.merge`` between two workdirs (reused when it exists)."""
+    out = os.path.join(runs, name)
+    if not os.path.exists(os.path.join(out, "model_index.json")):
+        cmd = [sys.executable, "-m", "swiftbrush_jax.merge", "--weight", str(weight), "--out", out, a, b]
+        print("running", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return out
 
 
 def truth_result(seeds: int, size_px: int, repeat: int) -> dict:
@@ -124,7 +144,9 @@ def main(argv=None) -> None:
     guidance = args.guidance or config.vsd.guidance_scale
     rows = {"teacher_ddim": dict(model=teacher_path(), steps=args.ddim_steps, guidance=guidance),
             "teacher_1step": dict(model=teacher_path(), steps=1)}
-    rows.update({name: overrides for name, overrides in distillations(args.lora_updates).items()})
+    distilled = distillations(args.lora_updates)
+    rows.update(distilled)
+    rows.update(MERGES)
     os.makedirs(args.out, exist_ok=True)
     results = []
     for name, spec in rows.items():
@@ -135,8 +157,15 @@ def main(argv=None) -> None:
             if isinstance(spec, dict):
                 result = ev.evaluate(seeds=args.seeds, noise_seed=ev.NOISE_SEED + r, **spec)
                 description = result["description"]
+            elif name in MERGES:
+                a, b, weight = spec
+                folder = merge(args.runs, f"shapes_{name}_seed{r}", train(args.runs, a, *distilled[a], r, steps)[0],
+                               train(args.runs, b, *distilled[b], r, steps)[0], weight)
+                result = ev.evaluate(folder, steps=1, seeds=args.seeds, noise_seed=ev.NOISE_SEED + r)
+                result.update(train_seed=r, train_steps=steps)
+                description = f"{name}: {1 - weight:g} {a} + {weight:g} {b}, 1 step"
             else:
-                workdir, wall = train(args.runs, name, spec, r, steps)
+                workdir, wall = train(args.runs, name, *spec, r, steps)
                 result = ev.evaluate(workdir, seeds=args.seeds, noise_seed=ev.NOISE_SEED + r)
                 result.update(train_seed=r, train_steps=steps, train_wall_s=wall)
                 description = f"{name} ({steps} steps), 1 step"
