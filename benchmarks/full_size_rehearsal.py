@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import cpu_model  # noqa: E402
-from benchmarks.pipelines import REPO, pipeline_folder  # noqa: E402
+from benchmarks.pipelines import REPO  # noqa: E402
 
 GIB = 2.0**30
 # What fits 24 GiB: SwiftBrush v2's LoRA student (rank 256) on the SD 2.1 teacher, VSD only. The paper's whole
@@ -92,7 +92,7 @@ def run_phase(name: str, args, limit_gib: float, env=None) -> dict:
     output = "".join(lines)
     if killed:
         raise SystemExit(f"error: phase {name} passed the {limit_gib} GiB watchdog ({killed[0] / GIB:.1f} GiB) and "
-                         f"was killed; free memory or lower the latent size")
+                         f"was killed; free memory, or run fewer --devices")
     if proc.returncode != 0:
         raise SystemExit(f"error: phase {name} exited with {proc.returncode}:\n{output[-3000:]}")
     result = {"phase": name, "wall_s": round(time.time() - t, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2)}
