@@ -186,23 +186,20 @@ def initial_state(config, vsd: VSD, student_params, mesh, abstract: bool = False
     rng, lora_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     make_lora = lambda: init_lora(lora_rng, student_params, config.lora.rank, tuple(config.lora.targets))
     if vsd.lora_student:  # the student's own adapters (up = 0: it starts as the teacher), from the shapes only
-        student_rng = jax.random.fold_in(lora_rng, 1)
         unet_shapes = jax.eval_shape(lambda p: p, student_params)
-        make_state = lambda: vsd.init_state(rng, init_lora(student_rng, unet_shapes, config.student_lora.rank,
-                                                           tuple(config.student_lora.targets)), make_lora())
-        shapes = jax.eval_shape(make_state)
-        state_sh = sharding.tree_shardings(shapes, mesh)
-        if abstract or sharding.is_abstract(student_params):
-            return ckpt.abstract(shapes, state_sh), state_sh
-        return jax.jit(make_state, out_shardings=state_sh)(), state_sh
-    shapes = jax.eval_shape(lambda p: vsd.init_state(rng, p, make_lora()), student_params)
+        student_rng = jax.random.fold_in(lora_rng, 1)
+        make_student, inputs = lambda: init_lora(student_rng, unet_shapes, config.student_lora.rank,
+                                                 tuple(config.student_lora.targets)), ()
+    else:
+        make_student, inputs = lambda p: p, (student_params,)
+    make_state = lambda *p: vsd.init_state(rng, make_student(*p), make_lora())
+    shapes = jax.eval_shape(make_state, *inputs)
     state_sh = sharding.tree_shardings(shapes, mesh)
     if abstract or sharding.is_abstract(student_params):
         return ckpt.abstract(shapes, state_sh), state_sh
-    student = sharding.place(student_params, state_sh.student)
-    create = jax.jit(lambda p: vsd.init_state(rng, p, make_lora()), in_shardings=(state_sh.student,),
-                     out_shardings=state_sh)
-    return create(student), state_sh
+    in_sh = tuple(state_sh.student for _ in inputs)
+    placed = tuple(sharding.place(p, sh) for p, sh in zip(inputs, in_sh))
+    return jax.jit(make_state, in_shardings=in_sh, out_shardings=state_sh)(*placed), state_sh
 
 
 def sampler_inputs(config, vsd: VSD, pipe, mesh) -> dict:
