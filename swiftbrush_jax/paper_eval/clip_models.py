@@ -13,8 +13,7 @@ side to 224, centre crop, CLIP mean/std; hpsv2's pads the long side instead,
 which is the same for the square images generated here.
 
 Weights are read from safetensors only; a pickled ``.pt``/``.bin`` checkpoint
-is refused with the one-line command that converts it, so this module never
-unpickles a file.
+is refused in one line, so this module never unpickles a file.
 """
 
 import dataclasses
@@ -116,16 +115,15 @@ def openclip_to_transformers(state: Dict, text_layers: int, vision_layers: int) 
 
 
 def read_safetensors(path: str, what: str) -> Dict:
-    """A checkpoint's tensors from a .safetensors file; pickled formats are refused with their conversion."""
+    """A checkpoint's tensors from a .safetensors file; pickled formats (.pt, .bin, .ckpt) are refused."""
     if not path:
         raise UsageError(f"{what}: no weights file given")
     if not os.path.isfile(path):
         raise UsageError(f"{what}: {path}: no such file")
     if not path.endswith(".safetensors"):
         raise UsageError(
-            f"{what}: {path} is not a .safetensors file; this tool does not unpickle checkpoints. Convert it once "
-            f"with: python -c \"import torch, safetensors.torch as s; d = torch.load('{path}', weights_only=True); "
-            f"s.save_file(d.get('state_dict', d), '{os.path.splitext(path)[0]}.safetensors')\"")
+            f"{what}: {path} is not a .safetensors file; pickled checkpoints can run code when loaded and are "
+            f"never read here: pass the weights as safetensors ({os.path.splitext(path)[0]}.safetensors)")
     from safetensors.torch import load_file
 
     try:
