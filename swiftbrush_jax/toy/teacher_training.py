@@ -218,7 +218,7 @@ def train_clip(model, params: Dict, token_ids: np.ndarray, stage: StageConfig, i
     temperature) on fresh renders captioned as stage 2 captions them (CAPTION_VARIANTS, no empty prompt).
     A caption that leaves an attribute open is a positive for every image it describes (clip_targets).
     params: {"model": CLIPModel params, "logit_scale": scalar}; returns them trained."""
-    from ..models.clip_model import clip_pixels
+    from ..models.clip_model import clip_pixels, cosine
 
     tx = adam(stage)
     ids = jnp.asarray(token_ids)
@@ -228,8 +228,7 @@ def train_clip(model, params: Dict, token_ids: np.ndarray, stage: StageConfig, i
     def loss_fn(p, pixels, rows, key):
         captions = rows[jnp.arange(len(rows)), jax.random.categorical(key, variant_logits, shape=(len(rows),))]
         image, text = model.apply({"params": p["model"]}, pixels, ids[captions])
-        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        logits = jnp.exp(p["logit_scale"]) * unit(image) @ unit(text).T
+        logits = jnp.exp(p["logit_scale"]) * cosine(image[:, None, :], text[None, :, :])
         targets = clip_targets(rows, captions)
         to_text = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=1), axis=1)
         described = (targets > 0).T  # text j's positives: the images it describes
