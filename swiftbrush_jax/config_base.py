@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=108.0, targets=("to_q", "to_v")))
     # rank > 0: the student is the frozen teacher plus a LoRA of this rank (SwiftBrush v2's student B: rank
     # 256, alpha 512), trained by student_optimizer; 0: a full copy of the teacher's UNet, as in the paper.
-    # Targets (both LoRAs): any of lora.SUPPORTED_TARGETS, the transformer blocks' linear layers.
+    # Targets (both LoRAs): any of lora.SUPPORTED_TARGETS, the UNet's linear layers and 1x1 convolutions.
     c.student_lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=("to_q", "to_k", "to_v", "to_out.0")))
     c.student_optimizer = ml_collections.ConfigDict(dict(
         lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))

@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 from . import diffusers_io as dio
 from . import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
-from .models.unet import unet_config_to_diffusers
+from .models import read_config
+from .models.unet import UNetConfig, unet_config_to_diffusers, unet_param_shapes
 from .schedule import NoiseSchedule
 from .student import TrainedStudent, load_trained_student
 
@@ -148,7 +149,8 @@ def export_lora(workdir: str, out: str, step: Optional[int] = None, ema: bool = 
                          f"export it without --lora-only")
     teacher_root = resolve_teacher(record.teacher, workdir)
     scheduler_config = one_step_scheduler_config(NoiseSchedule.from_folder(teacher_root), record.t, record.output_is_x0)
-    state = to_diffusers_lora(adapters, lora_scale(record.lora["rank"], record.lora["alpha"]))
+    teacher_shapes = unet_param_shapes(UNetConfig.from_diffusers(read_config(os.path.join(teacher_root, "unet"))))
+    state = to_diffusers_lora(adapters, teacher_shapes, lora_scale(record.lora["rank"], record.lora["alpha"]))
     with storage.atomic_dir(out, written_last=LORA_WEIGHTS) as folder:
         dio.write_scheduler(folder, scheduler_config)
         with open(os.path.join(folder, "README.md"), "w") as f:

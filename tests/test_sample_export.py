@@ -375,7 +375,10 @@ def test_lora_student_is_folded_for_sampling_and_export(lora_workdir, root, late
     t, cond = np.array([999, 500], np.int32), np.random.RandomState(2).randn(2, 7, 32).astype(np.float32)
     with_adapters = unet.clone(lora_scale=scale).apply({"params": teacher_params, "lora": adapters}, x, t, cond)
     merged = unet.apply({"params": folded}, x, t, cond)
-    np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=1e-4)
+    # float32 rounding of the merged kernels, which the time embedding's adapters amplify (25x more than without
+    # them on the tiny UNet); a misplaced adapter moves the output by 1e-2 or more
+    scale_of_output = float(np.abs(np.asarray(with_adapters)).max())
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(with_adapters), atol=2e-4 * scale_of_output)
     assert np.abs(np.asarray(merged) - np.asarray(unet.apply({"params": teacher_params}, x, t, cond))).max() > 1e-2
     np.testing.assert_allclose(jax.tree_util.tree_leaves(fold(teacher_params, adapters, scale))[0],
                                jax.tree_util.tree_leaves(folded)[0])

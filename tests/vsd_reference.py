@@ -16,22 +16,29 @@ from torch import nn
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update: base(x) + scale * up(down(x))."""
+    """A frozen ``nn.Linear`` or 1x1 ``nn.Conv2d`` plus a trainable low-rank update: base(x) + scale * up(down(x)),
+    ``down`` and ``up`` applied to each pixel's channels when the base is a convolution."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float):
+    def __init__(self, base, rank: int, scale: float):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        self.conv = isinstance(base, nn.Conv2d)
+        fan_in, fan_out = (base.in_channels, base.out_channels) if self.conv else (base.in_features, base.out_features)
+        self.down = nn.Linear(fan_in, rank, bias=False)
+        self.up = nn.Linear(rank, fan_out, bias=False)
         self.scale = scale
 
     def forward(self, x):
-        return self.base(x) + self.scale * self.up(self.down(x))
+        if self.conv:
+            update = self.up(self.down(x.movedim(1, -1))).movedim(-1, 1)
+        else:
+            update = self.up(self.down(x))
+        return self.base(x) + self.scale * update
 
 
 def add_lora(unet, rank, alpha, targets=("to_q", "to_v"), seed=0):
-    """Return a frozen deep copy of ``unet`` whose attention ``targets`` carry LoRA adapters.
+    """Return a frozen deep copy of ``unet`` whose ``targets`` (linear layers, 1x1 convolutions) carry LoRA adapters.
 
     down ~ N(0, (1/rank)^2) and up = 0, so the copy starts equal to ``unet``.
     Also returns ``{module_path: LoRALinear}`` with diffusers module paths, e.g.
@@ -40,7 +47,8 @@ def add_lora(unet, rank, alpha, targets=("to_q", "to_v"), seed=0):
     lora_unet = copy.deepcopy(unet).requires_grad_(False)
     paths = sorted(
         name for name, module in lora_unet.named_modules()
-        if any(name.endswith("." + target) for target in targets) and isinstance(module, nn.Linear)
+        if any(("." + name).endswith("." + target) for target in targets)
+        and (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)))
     )
     generator = torch.Generator().manual_seed(seed)
     loras = {}

@@ -28,17 +28,22 @@ class LoRADense(nn.Module):
     The frozen weights live in ``params`` (``kernel``/``bias``); adapters live in
     the separate ``lora`` collection (``down`` [in, r], ``up`` [r, out]) so the
     LoRA teacher reuses the teacher's parameter tree instead of copying it.
+    ``pointwise_conv`` keeps the kernel as a 1x1 convolution's [1, 1, in, out]
+    (diffusers' ``conv_shortcut``, SD 1.x's ``proj_in``/``proj_out``), which is
+    this same product over the channels.
     """
 
     features: int
     use_bias: bool = True
     lora_scale: float = 1.0
     dtype: Dtype = jnp.float32
+    pointwise_conv: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1) + shape if self.pointwise_conv else shape)
+        y = jnp.dot(x.astype(self.dtype), kernel.reshape(shape).astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         if self.has_variable("lora", "down"):
@@ -100,25 +105,28 @@ class Attention(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """diffusers' ``ResnetBlock2D`` (default time-embedding norm, SiLU, optional 1x1 shortcut)."""
+    """diffusers' ``ResnetBlock2D`` (default time-embedding norm, SiLU, optional 1x1 shortcut); the time
+    projection and the shortcut take LoRA adapters like the attention's projections."""
 
     out_channels: int
     groups: int = 32
     eps: float = 1e-6
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, temb=None):
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         h = conv(self.out_channels, 3, self.dtype, name="conv1")(h)
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            t = LoRADense(self.out_channels, True, self.lora_scale, self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
         h = conv(self.out_channels, 3, self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, self.dtype, name="conv_shortcut")(x)
+            x = LoRADense(self.out_channels, True, self.lora_scale, self.dtype, pointwise_conv=True,
+                          name="conv_shortcut")(x)
         return shard_batch(((x + h) / self.output_scale_factor).astype(self.dtype))
 
 

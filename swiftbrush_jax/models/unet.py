@@ -258,17 +258,14 @@ class Transformer2DModel(nn.Module):
         dim_head = c // self.heads
         inner = self.heads * dim_head
         y = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
-        if self.linear_projection:
-            y = LoRADense(inner, True, self.lora_scale, self.dtype, name="proj_in")(y.reshape(b, h * w, c))
-        else:
-            y = conv(inner, 1, self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+        # SD 2.x projects with linear layers, SD 1.x with 1x1 convolutions: the same product, stored differently.
+        project = lambda features, name: LoRADense(features, True, self.lora_scale, self.dtype,
+                                                   pointwise_conv=not self.linear_projection, name=name)
+        y = project(inner, "proj_in")(y.reshape(b, h * w, c))
         for i in range(self.depth):
             y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.query_block,
                                       self.dtype, name=f"transformer_blocks.{i}")(y, context)
-        if self.linear_projection:
-            y = LoRADense(c, True, self.lora_scale, self.dtype, name="proj_out")(y).reshape(b, h, w, c)
-        else:
-            y = conv(c, 1, self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
+        y = project(c, "proj_out")(y).reshape(b, h, w, c)
         return shard_batch((y + x).astype(self.dtype))
 
 
@@ -294,7 +291,8 @@ class BlockOptions:
     dtype: jnp.dtype
 
     def resnet(self, out_channels: int, name: str, scale: float = 1.0):
-        return _rematted(ResnetBlock2D, self.remat)(out_channels, self.groups, self.eps, scale, self.dtype, name=name)
+        return _rematted(ResnetBlock2D, self.remat)(out_channels, self.groups, self.eps, scale, self.dtype,
+                                                    self.lora_scale, name=name)
 
     def transformer(self, heads: int, depth: int, name: str):
         return _rematted(Transformer2DModel, self.remat)(
@@ -400,8 +398,8 @@ class UNet2DConditionModel(nn.Module):
         t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (batch,))
         base = cfg.block_out_channels[0]
         temb = timestep_embedding(t, base, cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = nn.Dense(4 * base, dtype=self.dtype, name="time_embedding.linear_1")(temb)
-        temb = nn.Dense(4 * base, dtype=self.dtype, name="time_embedding.linear_2")(nn.silu(temb))
+        temb = LoRADense(4 * base, True, self.lora_scale, self.dtype, name="time_embedding.linear_1")(temb)
+        temb = LoRADense(4 * base, True, self.lora_scale, self.dtype, name="time_embedding.linear_2")(nn.silu(temb))
 
         x = conv(base, 3, self.dtype, name="conv_in")(sample)
         skips = [x]
