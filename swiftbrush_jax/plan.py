@@ -113,6 +113,7 @@ class AbstractStep:
     """The trainer's jitted step and its abstract, sharded inputs, for any global batch."""
 
     step: Callable
+    vsd: object
     state: object
     frozen: object
     batch_sharding: object
@@ -129,11 +130,12 @@ class AbstractStep:
 def abstract_step(config, pipe, mesh) -> AbstractStep:
     """The trainer's state and frozen inputs as ShapeDtypeStructs laid out by the rule table (the trainer's
     own set-up functions on an abstract pipeline), and its step."""
-    vsd = train.build_vsd(config, pipe)
+    clip_parts = train.clip_loss_parts(config, pipe)
+    vsd = train.build_vsd(config, pipe, clip_parts)
     state, state_sh = train.initial_state(config, vsd, pipe.unet_params, mesh, abstract=True)
-    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh)
+    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh, clip_parts[2] if clip_parts else None)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    return AbstractStep(step, state, frozen, sharding.batch_sharding(mesh),
+    return AbstractStep(step, vsd, state, frozen, sharding.batch_sharding(mesh),
                         pipe.text_encoder.config.max_position_embeddings)
 
 
@@ -143,8 +145,7 @@ def resident_bytes(config, pipe, step: AbstractStep) -> dict:
     out = {"state_bytes": sharding.bytes_per_device(step.state), "frozen_bytes": sharding.bytes_per_device(step.frozen),
            "sampler_bytes": 0}
     if config.sample_every:
-        vsd = train.build_vsd(config, pipe)
-        out["sampler_bytes"] = sharding.bytes_per_device(train.sampler_inputs(config, vsd, pipe,
+        out["sampler_bytes"] = sharding.bytes_per_device(train.sampler_inputs(config, step.vsd, pipe,
                                                                               step.batch_sharding.mesh))
     out["resident_bytes"] = sum(out.values())
     return out
@@ -390,6 +391,10 @@ def main(argv):
             search = search_batch(total_at, _MEMORY.value * GIB, per_device, _COMPILES.value, config.microbatches)
 
     print(f"model: {source}")
+    if config.vsd.clip_weight:
+        described = lambda key, default: config[key] if os.path.isdir(config[key]) else f"{default} (sd21_arch)"
+        decoder = described("clip_decoder", "TAESD") if config.clip_decoder else "the teacher's VAE"
+        print(f"CLIP loss: {described('clip_model', 'CLIP ViT-B/32')}, decoded by {decoder}")
     print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")
     print(f"dtypes: teacher {config.teacher_dtype}, student compute {config.student_compute_dtype} "
           f"(float32 master weights); remat {config.remat}; LoRA rank {config.lora.rank}; student "
@@ -402,7 +407,8 @@ def main(argv):
     if rows or refused:
         print("total = arguments + temporaries + (outputs - aliased); FLOPs and bytes are per device")
     print(f"resident between steps, per device: {resident['resident_bytes'] / GIB:.3f} GiB (state "
-          f"{resident['state_bytes'] / GIB:.3f}, frozen teacher and text encoder {resident['frozen_bytes'] / GIB:.3f}, "
+          f"{resident['state_bytes'] / GIB:.3f}, frozen teacher, text encoder (and the CLIP loss's CLIP and decoder) "
+          f"{resident['frozen_bytes'] / GIB:.3f}, "
           f"sampler inputs {resident['sampler_bytes'] / GIB:.3f}: the last is not among the step's arguments; "
           "peak = total + sampler inputs)")
     if flops is not None:

@@ -3,7 +3,9 @@
 These are the ``config.json`` / ``scheduler_config.json`` dicts of the
 ``stable-diffusion-2-1-base`` diffusers folder, so that memory and
 FLOP planning (``swiftbrush_jax.plan``) and the random-weight benchmarks can
-build SD 2.1-shaped models on a machine that has never downloaded it.
+build SD 2.1-shaped models on a machine that has never downloaded it; beside
+them, the two frozen towers of SwiftBrush v2's CLIP loss that
+``configs/sd21_v2.py:b`` names (CLIP ViT-B/32 and TAESD), for the same use.
 """
 
 import os
@@ -82,6 +84,20 @@ SCHEDULER = {
 }
 
 SD21_BASE = {"unet": UNET, "text_encoder": TEXT_ENCODER, "vae": VAE, "scheduler": SCHEDULER}
+
+# transformers' openai/clip-vit-base-patch32 config.json, the fields the Flax CLIPModel reads.
+CLIP_VIT_B32 = {
+    "projection_dim": 512,
+    "text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                    "layer_norm_eps": 1e-5},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                      "layer_norm_eps": 1e-5},
+}
+
+# madebyollin/taesd's config.json: diffusers' AutoencoderTiny defaults.
+TAESD = {"_class_name": "AutoencoderTiny"}
 
 
 def read_folder_configs(root: str) -> dict:

@@ -85,31 +85,41 @@ def prompt_source(config):
 
 def clip_loss_parts(config, pipe):
     """(CLIP module, decode(params, x0), {"model": CLIP weights, "decoder": decoder weights}) for the CLIP loss,
-    host arrays; None without it."""
+    host arrays; None without it. For an abstract pipeline (``plan``), the weights' ShapeDtypeStructs, from the
+    folders' configs, or from ``sd21_arch``'s CLIP ViT-B/32 and TAESD where the folders are not on disk."""
     if not config.vsd.clip_weight:
         return None
-    from .models.clip_model import load_clip_model
-    from .models.taesd import load_taesd
+    from . import sd21_arch
+    from .models import read_config
+    from .models.clip_model import clip_model_from_config, load_clip_model
+    from .models.taesd import load_taesd, taesd_from_config
 
-    for key in ("clip_model",) + (("clip_decoder",) if config.clip_decoder else ()):
-        if not os.path.isdir(config[key]):
-            raise UsageError(f"--config.{key}={config[key]!r}: not a local folder; the CLIP loss "
-                             f"(vsd.clip_weight > 0) needs a transformers CLIPModel folder"
-                             + (" and a diffusers AutoencoderTiny folder (or '' for the teacher's VAE)"
-                                if key == "clip_decoder" else ""))
-    clip_model, clip_params = load_clip_model(config.clip_model)
-    text, tokenizer = clip_model.text_config, pipe.tokenizer
-    if (text.vocab_size != len(tokenizer) or text.eos_token_id != tokenizer.eos_token_id
-            or text.max_position_embeddings < tokenizer.model_max_length):
-        raise UsageError(f"--config.clip_model={config.clip_model}: its text tower does not read the teacher's "
-                         f"token ids (vocabulary {text.vocab_size} vs {len(tokenizer)}, end-of-text id "
-                         f"{text.eos_token_id} vs {tokenizer.eos_token_id}, {text.max_position_embeddings} "
-                         f"positions for {tokenizer.model_max_length} tokens); use a CLIP with the teacher's tokenizer")
-    if config.clip_decoder:
-        taesd, decoder_params = load_taesd(config.clip_decoder)
+    if sharding.is_abstract(pipe.unet_params):
+        on_disk = lambda key, default: read_config(config[key]) if os.path.isdir(config[key]) else default
+        clip_model, clip_params = clip_model_from_config(on_disk("clip_model", sd21_arch.CLIP_VIT_B32))
+        taesd, decoder_params = (taesd_from_config(on_disk("clip_decoder", sd21_arch.TAESD))
+                                 if config.clip_decoder else (None, pipe.vae_params))
+    else:
+        for key in ("clip_model",) + (("clip_decoder",) if config.clip_decoder else ()):
+            if not os.path.isdir(config[key]):
+                raise UsageError(f"--config.{key}={config[key]!r}: not a local folder; the CLIP loss "
+                                 f"(vsd.clip_weight > 0) needs a transformers CLIPModel folder"
+                                 + (" and a diffusers AutoencoderTiny folder (or '' for the teacher's VAE)"
+                                    if key == "clip_decoder" else ""))
+        clip_model, clip_params = load_clip_model(config.clip_model)
+        text, tokenizer = clip_model.text_config, pipe.tokenizer
+        if (text.vocab_size != len(tokenizer) or text.eos_token_id != tokenizer.eos_token_id
+                or text.max_position_embeddings < tokenizer.model_max_length):
+            raise UsageError(f"--config.clip_model={config.clip_model}: its text tower does not read the teacher's "
+                             f"token ids (vocabulary {text.vocab_size} vs {len(tokenizer)}, end-of-text id "
+                             f"{text.eos_token_id} vs {tokenizer.eos_token_id}, {text.max_position_embeddings} "
+                             f"positions for {tokenizer.model_max_length} tokens); use a CLIP with the teacher's "
+                             f"tokenizer")
+        taesd, decoder_params = load_taesd(config.clip_decoder) if config.clip_decoder else (None, pipe.vae_params)
+    if taesd is not None:
         decode = lambda params, x0: taesd.apply({"params": params}, x0, method="decode")
     else:
-        vae, decoder_params, scale = pipe.vae, pipe.vae_params, pipe.vae.config.scaling_factor
+        vae, scale = pipe.vae, pipe.vae.config.scaling_factor
         decode = lambda params, x0: vae.apply({"params": params}, x0 / scale, method=vae.decode)
     return clip_model, decode, {"model": clip_params, "decoder": decoder_params}
 

@@ -109,6 +109,38 @@ def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     assert whole["frozen_bytes"] == lora["frozen_bytes"] and whole["sampler_bytes"] == lora["sampler_bytes"]
 
 
+def test_resident_counts_the_clip_loss_towers(tmp_path):
+    """With the CLIP loss on (configs/sd21_v2.py:b, no folders on disk: CLIP ViT-B/32 and TAESD's architectures),
+    plan's frozen inputs grow by both towers in bfloat16, counted from transformers' CLIPModel and diffusers'
+    AutoencoderTiny built from the same configs; the state and the sampler's inputs do not change."""
+    import torch
+    from diffusers import AutoencoderTiny
+    from transformers import CLIPConfig, CLIPModel
+
+    from swiftbrush_jax import sd21_arch
+
+    def plan(name, *overrides):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "sd21_v2.py:b"),
+               "--resident-only", "--json", str(out), "--config.clip_decoder=taesd", *overrides]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads(out.read_text())
+
+    printed, with_clip = plan("clip")
+    _, without = plan("no_clip", "--config.vsd.clip_weight=0")
+    assert "CLIP loss: CLIP ViT-B/32 (sd21_arch), decoded by TAESD (sd21_arch)" in printed
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig(text_config=sd21_arch.CLIP_VIT_B32["text_config"],
+                                    vision_config=sd21_arch.CLIP_VIT_B32["vision_config"],
+                                    projection_dim=sd21_arch.CLIP_VIT_B32["projection_dim"]))
+        taesd = AutoencoderTiny()
+    towers = sum(p.numel() for name, p in clip.named_parameters() if name != "logit_scale")
+    towers += sum(p.numel() for p in taesd.parameters())
+    assert with_clip["frozen_bytes"] - without["frozen_bytes"] == 2 * towers
+    assert with_clip["state_bytes"] == without["state_bytes"] and with_clip["sampler_bytes"] == without["sampler_bytes"]
+
+
 def test_tpu_topology_is_compiled_by_the_tpu_compiler(tmp_path):
     """--topology compiles for a TPU slice without one (libtpu ahead of time): a v5e 2x2 with FSDP over 4."""
     out = tmp_path / "plan.json"

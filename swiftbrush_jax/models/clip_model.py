@@ -136,16 +136,20 @@ def clip_pixels(images, size: int):
     return (images - CLIP_MEAN) / CLIP_STD
 
 
-def load_clip_model(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(model, params) from a transformers ``CLIPModel`` folder (config.json + safetensors)."""
-    config = read_config(folder)
+def clip_model_from_config(config: dict, dtype=jnp.float32, where: str = "CLIPModel config"):
+    """(model, parameter shapes) of a transformers ``CLIPModel`` config.json dict; nothing is allocated."""
     if "text_config" not in config or "vision_config" not in config:
-        raise UnsupportedConfigError(f"{folder}/config.json is not a CLIPModel config (no text_config/vision_config)")
+        raise UnsupportedConfigError(f"{where} is not a CLIPModel config (no text_config/vision_config)")
     text = CLIPTextConfig.from_transformers(config["text_config"])
     vision = CLIPVisionConfig.from_transformers(config["vision_config"])
     model = CLIPModel(text, vision, config.get("projection_dim", 512), dtype=dtype)
     pixels = jax.ShapeDtypeStruct((1, vision.image_size, vision.image_size, vision.num_channels), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, text.max_position_embeddings), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]
+    return model, jax.eval_shape(model.init, jax.random.key(0), pixels, ids)["params"]
+
+
+def load_clip_model(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
+    """(model, params) from a transformers ``CLIPModel`` folder (config.json + safetensors)."""
+    model, shapes = clip_model_from_config(read_config(folder), dtype, f"{folder}/config.json")
     state = {k: v for k, v in read_state_dict(folder).items() if k not in UNUSED_KEYS}
     return model, state_dict_to_params(state, shapes, "CLIP", param_dtype)

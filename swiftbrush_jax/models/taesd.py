@@ -136,10 +136,15 @@ class AutoencoderTiny(nn.Module):
         return self.decode(self.encode(images))
 
 
+def taesd_from_config(config: dict, dtype=jnp.float32):
+    """(model, parameter shapes) of a diffusers ``AutoencoderTiny`` config.json dict; nothing is allocated."""
+    parsed = TAESDConfig.from_diffusers(config)
+    model = AutoencoderTiny(parsed, dtype=dtype)
+    images = jax.ShapeDtypeStruct((1, 64, 64, parsed.in_channels), jnp.float32)
+    return model, jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+
 def load_taesd(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
     """(model, params) from a diffusers ``AutoencoderTiny`` folder (config.json + safetensors)."""
-    config = TAESDConfig.from_diffusers(read_config(folder))
-    model = AutoencoderTiny(config, dtype=dtype)
-    images = jax.ShapeDtypeStruct((1, 64, 64, config.in_channels), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    model, shapes = taesd_from_config(read_config(folder), dtype)
     return model, state_dict_to_params(read_state_dict(folder), shapes, "TAESD", param_dtype)
