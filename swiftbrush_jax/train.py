@@ -146,9 +146,8 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
         raise UsageError("--config.student_init: a LoRA student (student_lora.rank > 0) is the teacher plus "
                          "adapters and cannot start from another UNet; leave student_init empty")
     updates = config.vsd.lora_updates_per_step
-    if config.vsd.clip_weight and (clip_parts is None or config.microbatches > 1):
-        raise UsageError("--config.vsd.clip_weight: the CLIP loss runs with microbatches=1 only, and needs "
-                         "--config.clip_model")
+    if config.vsd.clip_weight and clip_parts is None:
+        raise UsageError("--config.vsd.clip_weight: the CLIP loss needs --config.clip_model")
     if updates < 1 or (updates > 1 and config.microbatches > 1):
         raise UsageError(f"--config.vsd.lora_updates_per_step={updates}: use 1 or more, and 1 with microbatches > 1 "
                          f"(the further LoRA updates run on the whole batch at once)")

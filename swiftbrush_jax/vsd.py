@@ -243,7 +243,7 @@ class VSD:
         means, student_grads, lora_grads = self.batch_means(student, lora, teacher, cond, uncond, noise, clip_inputs)
         return with_x0_std(means), student_grads, lora_grads
 
-    def accumulated_losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise):
+    def accumulated_losses_and_grads(self, student, lora, teacher, cond, uncond, noise: Noise, clip_inputs=None):
         """``losses_and_grads`` of the whole batch, computed ``microbatches`` chunks at a time.
 
         Every loss and logged quantity is a mean over the batch, so the batch's value and gradient are the
@@ -254,14 +254,17 @@ class VSD:
         chunked = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
 
         def add_chunk(total, chunk):
-            chunk_cond, chunk_noise = chunk
-            out = self.batch_means(student, lora, teacher, chunk_cond, uncond, chunk_noise)
+            chunk_cond, chunk_noise, chunk_ids = chunk
+            chunk_clip = None if clip_inputs is None else (clip_inputs[0], chunk_ids, clip_inputs[2])
+            out = self.batch_means(student, lora, teacher, chunk_cond, uncond, chunk_noise, chunk_clip)
             return jax.tree_util.tree_map(jnp.add, total, out), None
 
-        chunks = (chunked(cond), jax.tree_util.tree_map(chunked, noise))
+        chunks = (chunked(cond), jax.tree_util.tree_map(chunked, noise),
+                  None if clip_inputs is None else chunked(clip_inputs[1]))
         # Sums start as zeros like the parameters, so they take the parameters' (FSDP) sharding.
-        zero = jnp.zeros((), jnp.float32)
-        zeros = ({"loss_student": zero, "loss_lora": zero, "x0_mean": zero, "x0_sq_mean": zero},
+        names = ("loss_student", "loss_lora", "x0_mean", "x0_sq_mean")
+        names += () if clip_inputs is None else ("loss_clip", "clip_cosine")
+        zeros = ({name: jnp.zeros((), jnp.float32) for name in names},
                  jax.tree_util.tree_map(jnp.zeros_like, student), jax.tree_util.tree_map(jnp.zeros_like, lora))
         total, _ = jax.lax.scan(add_chunk, zeros, chunks)
         means, student_grads, lora_grads = jax.tree_util.tree_map(lambda x: x / k, total)
@@ -346,14 +349,10 @@ class VSD:
         step = state.step
         cond = self.text_encoder.apply({"params": frozen.text}, token_ids)
         noise = self.draw(step_rng, token_ids.shape[0])
-        if self.config.clip_weight:
-            metrics, student_grads, lora_grads = self.losses_and_grads(
-                state.student, state.lora, frozen.teacher, cond, frozen.uncond, noise,
-                (frozen.clip, token_ids, self.clip_weight_at(step)))
-        else:
-            grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
-            metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond,
-                                                          frozen.uncond, noise)
+        clip_inputs = (frozen.clip, token_ids, self.clip_weight_at(step)) if self.config.clip_weight else None
+        grads_fn = self.accumulated_losses_and_grads if self.microbatches > 1 else self.losses_and_grads
+        metrics, student_grads, lora_grads = grads_fn(state.student, state.lora, frozen.teacher, cond,
+                                                      frozen.uncond, noise, clip_inputs)
         state, metrics = self.apply_grads(state, student_grads, lora_grads, metrics, rng)
         if self.config.lora_updates_per_step > 1:
             extra_rng = jax.random.fold_in(step_rng, 1)
