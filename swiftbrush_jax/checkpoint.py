@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from . import distributed, storage
+from . import distributed, precision, storage
 
 # Config keys a resumed run may change: they steer the loop, logging, memory use and the learning-rate
 # schedule, not what the state holds or how it was made. The prompt source may be renamed or moved: the
@@ -32,6 +32,7 @@ CHANGEABLE_ON_RESUME = (
     "prompts", "prompt_column", "validation_prompts", "total_steps", "log_every", "checkpoint_every",
     "keep_checkpoints", "sample_every", "max_consecutive_skips", "mesh.*", "remat", "attention_query_block",
     "microbatches", "vsd.lora_updates_per_step", "teacher_dtype", "student_compute_dtype", "score_dtype", "score_precision",
+    "score_matmuls",
     "*_optimizer.lr", "*_optimizer.warmup_steps", "*_optimizer.decay_steps", "*_optimizer.weight_decay",
     "*_optimizer.clip",
 )
@@ -50,7 +51,8 @@ class CorruptCheckpoint(Exception):
 
 
 def config_record(config) -> dict:
-    """The whole config as {dotted key: JSON value}, as a checkpoint records it."""
+    """The whole config as {dotted key: JSON value}, as a checkpoint records it, with ``score_matmuls``: what
+    score_precision runs as on this backend, so that a run resumed on another backend says what changed."""
     def flat(tree, prefix=""):
         for key, value in tree.items():
             if isinstance(value, dict):
@@ -58,7 +60,10 @@ def config_record(config) -> dict:
             else:
                 yield f"{prefix}{key}", value
 
-    return json.loads(json.dumps(dict(flat(config.to_dict()))))
+    record = json.loads(json.dumps(dict(flat(config.to_dict()))))
+    if "score_precision" in record:
+        record["score_matmuls"] = precision.score_matmuls(record["score_precision"], jax.default_backend())
+    return record
 
 
 def changeable_on_resume(key: str) -> bool:

@@ -51,10 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher_dtype = "bfloat16"  # frozen teacher and text encoder
     c.student_compute_dtype = "bfloat16"  # student master weights stay float32
     # The VSD gradient's four score evaluations (teacher and LoRA teacher, guided) compute in this dtype from
-    # the stored teacher weights, with float32 matmuls at score_precision: in bf16 their small difference is
-    # mostly rounding early in a run (README, "bf16, measured"). "": the teacher's dtype.
+    # the stored teacher weights: in bf16 their small difference is mostly rounding early in a run (docs/bf16.md).
+    # "": the teacher's dtype.
     c.score_dtype = "float32"
-    c.score_precision = "highest"  # jax.default_matmul_precision; "BF16_BF16_F32_X3" (3-pass bf16) costs less on TPU
+    # jax.default_matmul_precision of those float32 matmuls: "tensorfloat32" runs them as TF32 on NVIDIA GPUs and
+    # 3-pass bf16 on TPUs (float32 on a CPU); "highest" is FP32 without tensor cores on GPUs, 6 passes on TPUs.
+    c.score_precision = "tensorfloat32"
     c.remat = "none"  # none | full | dots: recompute each UNet block's activations in the backward pass
     c.attention_query_block = 0  # >0: attention this many queries at a time (bounds its memory); 0: one call
     c.microbatches = 1  # >1: each step's batch in this many sequential chunks, gradients summed (same update)

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from . import checkpoint as ckpt
-from . import data, sharding, storage
+from . import data, precision, sharding, storage
 from . import distributed
 from .errors import TrainingDiverged, UsageError, exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, one_step_images, to_uint8
@@ -393,6 +393,8 @@ def set_up(config, workdir: str) -> Run:
         student_params = load_pipeline(config.student_init, components=("unet",)).unet_params
     clip_parts = clip_loss_parts(config, pipe)
     vsd = build_vsd(config, pipe, clip_parts)
+    log(f"score matmuls: {precision.score_matmuls(config.score_precision, jax.default_backend())} "
+        f"(score_precision={config.score_precision!r}, score_dtype={config.score_dtype!r})")
 
     distributed.barrier("checkpoint_manager")  # its first collective must find every process within gloo's 30 s
     mngr = ckpt.manager(workdir, config.keep_checkpoints)

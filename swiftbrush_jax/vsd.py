@@ -144,8 +144,9 @@ class VSD:
     microbatches: int = 1  # the batch in this many sequential chunks, gradients summed: same update, less memory
     # The four score evaluations of the VSD gradient (teacher and LoRA teacher, both guided) run in this module
     # (the teacher at another compute dtype; None: teacher_unet) with float32 matmuls at this precision
-    # (None: the backend's default). Their difference is small next to each score, so bf16 rounding of the
-    # two would drown it early in a run, while the LoRA teacher is still close to the teacher (README, bf16).
+    # (None: the backend's default; what each backend makes of it: swiftbrush_jax.precision). Their difference
+    # is small next to each score, so bf16 rounding of the two would drown it early in a run, while the LoRA
+    # teacher is still close to the teacher (docs/bf16.md).
     score_unet: Optional[nn.Module] = None
     score_precision: Optional[str] = None
     # The student's trainable tree: a whole UNet, or (lora_student) a LoRA collection laid over the frozen
