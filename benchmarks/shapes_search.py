@@ -1,0 +1,185 @@
+"""A planned search for the shapes-world regime where VSD's LoRA teacher keeps the teacher's diversity.
+
+    python benchmarks/shapes_search.py prune            # one training seed per setting, in SETTINGS order
+    python benchmarks/shapes_search.py final NAME ...   # 3 training seeds of each finalist and of its SDS twin
+    python benchmarks/shapes_search.py plot             # benchmarks/results/shapes_search.png from the JSON
+
+Every run is recorded in benchmarks/results/shapes_search.json as soon as it is scored, keyed by setting
+and training seed, so an interrupted search resumes where it stopped and a new setting appended to SETTINGS
+extends it. A setting is configs/shapes.py with overrides; its SDS twin is the same setting with
+``vsd.use_lora_teacher=False`` and without the LoRA teacher's own keys (which SDS does not use), so settings
+that differ only in LoRA settings share one twin. Runs are scored as benchmarks/shapes_table.py scores its
+rows: held-out noise seed NOISE_SEED + training seed, 8 images per prompt and answer.
+
+The axes (docs/shapes.md, "The search"): the student's learning rate against the LoRA teacher's, with the
+steps scaled so the student moves about as far; LoRA updates per student update together with a smaller
+student rate; the teacher's CFG; the LoRA rank.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes_table  # noqa: E402
+
+from swiftbrush_jax import evaluate as ev  # noqa: E402
+
+RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_search.json")
+METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms", "open_prompt_accuracy")
+# Keys that only the LoRA teacher reads: an SDS twin drops them.
+LORA_KEYS = ("lora_optimizer.", "lora.", "vsd.lora_updates_per_step", "vsd.lora_guidance_scale")
+
+# name -> (total steps, overrides of configs/shapes.py). The student's Adam moves each weight by about lr per
+# step, so a rate halved takes twice the steps to move as far as the 2e-4 x 1200 baseline.
+SETTINGS = {
+    "base": (1200, {}),
+    "cfg2": (1200, {"vsd.guidance_scale": 2.0}),
+    "cfg1.5": (1200, {"vsd.guidance_scale": 1.5}),
+    "slr1e-4": (2400, {"student_optimizer.lr": 1e-4}),
+    "rank32": (1200, {"lora.rank": 32, "lora.alpha": 32 * 108.0 / 64}),
+    "slr1e-4_lu2": (2000, {"student_optimizer.lr": 1e-4, "vsd.lora_updates_per_step": 2}),
+    "cfg2_slr1e-4": (2400, {"vsd.guidance_scale": 2.0, "student_optimizer.lr": 1e-4}),
+    "lora_cfg_teacher": (1200, {"vsd.lora_guidance_scale": 3.0}),
+    "slr5e-5_lu3": (2400, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 3}),
+}
+
+
+def sds_twin(overrides: dict) -> dict:
+    return {**{k: v for k, v in overrides.items() if not k.startswith(LORA_KEYS)}, "vsd.use_lora_teacher": False}
+
+
+def twin_name(name: str) -> str:
+    """The SDS twin's name: shared by settings whose overrides agree once the LoRA keys are dropped."""
+    steps, overrides = SETTINGS[name]
+    key = sorted(sds_twin(overrides).items())
+    for other, (other_steps, other_overrides) in SETTINGS.items():
+        if other_steps == steps and sorted(sds_twin(other_overrides).items()) == key:
+            return f"sds_{other}"
+    raise AssertionError(name)
+
+
+def spec(name: str) -> tuple:
+    """(steps, overrides) of a setting or of an ``sds_<setting>`` twin."""
+    if name.startswith("sds_"):
+        steps, overrides = SETTINGS[name[4:]]
+        return steps, sds_twin(overrides)
+    return SETTINGS[name]
+
+
+def load() -> dict:
+    if os.path.exists(RESULTS_JSON):
+        with open(RESULTS_JSON) as f:
+            return json.load(f)
+    return {"runs": {}}
+
+
+def save(results: dict) -> None:
+    tmp = RESULTS_JSON + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, RESULTS_JSON)
+
+
+def run(results: dict, runs: str, name: str, seed: int) -> dict:
+    """Distil and score one (setting, seed), or return its recorded result."""
+    key = f"{name}/seed{seed}"
+    if key in results["runs"]:
+        return results["runs"][key]
+    steps, overrides = spec(name)
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    workdir, wall = shapes_table.train(runs, f"search_{name}", "", flags, seed, steps)
+    result = ev.evaluate(workdir, seeds=8, noise_seed=ev.NOISE_SEED + seed)
+    if seed == 0:
+        ev.write_grid(os.path.join(runs, f"search_{name}.png"), result.pop("images"), 8)
+    result.pop("images", None)
+    record = {"setting": name, "seed": seed, "steps": steps, "overrides": overrides, "train_wall_s": wall,
+              **{m: result[m] for m in METRICS}, "coverage_by_prompt": result["coverage_by_prompt"],
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results["runs"][key] = record
+    save(results)
+    print(key, {m: round(record[m], 3) for m in METRICS}, f"train {wall or 0:.0f} s", flush=True)
+    return record
+
+
+def import_table(results: dict) -> None:
+    """The 25-step teacher, the base setting and its SDS twin from benchmarks/shapes_table.json, whose rows
+    were scored the same way (its teacher_ddim, swiftbrush and sds_ablation rows, seeds 0-2)."""
+    with open(os.path.join(shapes_table.RESULTS, "shapes_table.json")) as f:
+        rows = {row["name"]: row for row in json.load(f)}
+    for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation")):
+        for seed, repeat in enumerate(rows[row]["repeats"]):
+            key = f"{setting}/seed{seed}"
+            if key not in results["runs"]:
+                results["runs"][key] = {"setting": setting, "seed": seed, "source": f"shapes_table.json:{row}",
+                                        **{m: repeat[m] for m in METRICS},
+                                        "coverage_by_prompt": repeat.get("coverage_by_prompt")}
+    save(results)
+
+
+def plot(results: dict, out: str) -> None:
+    """coverage_distance against joint accuracy: one point per setting (mean over its seeds, bars where more
+    than one), VSD and SDS in two colours, the teacher marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by_setting = {}
+    for record in results["runs"].values():
+        by_setting.setdefault(record["setting"], []).append(record)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+    for name, records in sorted(by_setting.items()):
+        x = np.array([r["joint_accuracy"] for r in records])
+        y = np.array([r["coverage_distance"] for r in records])
+        colour = "black" if name == "teacher" else "tab:red" if name.startswith("sds_") else "tab:blue"
+        marker = "*" if name == "teacher" else "s" if name.startswith("sds_") else "o"
+        err = dict(xerr=x.std(ddof=1), yerr=y.std(ddof=1), capsize=3) if len(records) > 1 else {}
+        ax.errorbar(x.mean(), y.mean(), fmt=marker, color=colour, markersize=12 if name == "teacher" else 7, **err)
+        ax.annotate(f"{name} ({len(records)})", (x.mean(), y.mean()), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    ax.scatter([], [], marker="o", color="tab:blue", label="VSD (LoRA teacher)")
+    ax.scatter([], [], marker="s", color="tab:red", label="SDS twin (no LoRA teacher)")
+    ax.scatter([], [], marker="*", color="black", s=120, label="teacher, DDIM 25 steps")
+    ax.set_xlabel("joint accuracy (higher is better)")
+    ax.set_ylabel("coverage distance (lower is better)")
+    ax.set_title("Shapes world: one-step students, one point per setting (n seeds); bars: std over seeds",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    print("wrote", out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=("prune", "final", "plot"))
+    parser.add_argument("names", nargs="*", help="prune: settings (default all); final: the finalists")
+    parser.add_argument("--runs", default="runs/search")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds of a finalist")
+    args = parser.parse_args(argv)
+    results = load()
+    if args.phase == "plot":
+        plot(results, os.path.join(shapes_table.RESULTS, "shapes_search.png"))
+        return
+    unknown = [n for n in args.names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"error: unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    import_table(results)
+    if args.phase == "prune":
+        for name in args.names or SETTINGS:
+            run(results, args.runs, name, 0)
+    else:
+        for name in args.names:
+            for seed in range(args.seeds):
+                run(results, args.runs, name, seed)
+                run(results, args.runs, twin_name(name), seed)
+
+
+if __name__ == "__main__":
+    main()
