@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.score_precision = "tensorfloat32"
     c.remat = "none"  # none | full | dots: recompute each UNet block's activations in the backward pass
     c.attention_query_block = 0  # >0: attention this many queries at a time (bounds its memory); 0: one call
+    c.attention_implementation = ""  # jax.nn.dot_product_attention's: "" (XLA picks), "cudnn" (NVIDIA GPUs), "xla"
     c.microbatches = 1  # >1: each step's batch in this many sequential chunks, gradients summed (same update)
     c.latent_size = 0  # 0: the UNet's sample_size
     return c

@@ -128,7 +128,8 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
     """The step's static parts: student/teacher modules in their dtypes, schedule, both optimizers (and the
     CLIP loss's modules, from ``clip_loss_parts``)."""
     unet_config = pipe.unet.config
-    memory = dict(remat=config.remat, attention_query_block=config.attention_query_block)
+    memory = dict(remat=config.remat, attention_query_block=config.attention_query_block,
+                  attention_implementation=config.attention_implementation or None)
     # The teacher is differentiated too (the LoRA loss), so it is rematerialised like the student.
     teacher_unet = pipe.unet.clone(dtype=dtype_of(config.teacher_dtype),
                                    lora_scale=lora_scale(config.lora.rank, config.lora.alpha), **memory)
@@ -142,6 +143,10 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
         jax.default_matmul_precision(config.score_precision or None)
     except ValueError as e:
         raise UsageError(f"--config.score_precision={config.score_precision!r}: {e}") from None
+    attention = config.attention_implementation
+    if attention not in ("", "xla", "cudnn") or (attention == "cudnn" and jax.default_backend() != "gpu"):
+        raise UsageError(f"--config.attention_implementation={attention!r}: use '' (XLA picks), 'xla', or 'cudnn' "
+                         f"on an NVIDIA GPU (this backend: {jax.default_backend()})")
     if lora_student and config.get("student_init"):
         raise UsageError("--config.student_init: a LoRA student (student_lora.rank > 0) is the teacher plus "
                          "adapters and cannot start from another UNet; leave student_init empty")

@@ -15,7 +15,7 @@ from flax import traverse_util
 from reference import UNET_CONFIGS, make_unet
 from swiftbrush_jax import weights
 from swiftbrush_jax.models import UnsupportedConfigError
-from swiftbrush_jax.models.layers import attention
+from swiftbrush_jax.models.layers import AttentionOptions, attention
 from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers
 
 # XLA's CPU optimisations cost more compile time than these tiny forwards ever take.
@@ -97,7 +97,7 @@ def test_unet_attention_in_query_blocks_parity(sd21):
 
 def test_attention_in_query_blocks_has_the_same_gradients():
     q, k, v = (jax.random.normal(key, (2, 70, 3, 8)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
-    loss = lambda block: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, block)))
+    loss = lambda block: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, AttentionOptions(block))))
     whole = jax.grad(loss(0), argnums=(0, 1, 2))(q, k, v)
     blocked = jax.grad(loss(32), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(whole, blocked):
@@ -185,3 +185,12 @@ def test_pickle_only_folder_is_refused(sd15, tmp_path):
     with pytest.raises(weights.WeightsError, match="pickle") as err:
         load_unet(str(tmp_path))
     assert "safe_serialization=True" in str(err.value)
+
+
+def test_attention_implementation_option(sd21):
+    """``attention_implementation`` reaches every attention: XLA's own kernel gives the default's output, and an
+    unknown kernel name is refused at the first attention."""
+    out = run(sd21.model.clone(attention_implementation="xla"), {"params": sd21.params}, sd21.inputs)
+    np.testing.assert_allclose(out, sd21.ours, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no_such_kernel"):
+        run(sd21.model.clone(attention_implementation="no_such_kernel"), {"params": sd21.params}, sd21.inputs)

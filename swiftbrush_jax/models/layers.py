@@ -1,5 +1,6 @@
 """Building blocks shared by the UNet and the VAE (NHWC, diffusers param names)."""
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -53,21 +54,30 @@ class LoRADense(nn.Module):
         return y
 
 
-def attention(q, k, v, query_block: int = 0):
-    """Softmax attention over [batch, tokens, heads, dim], optionally ``query_block`` queries at a time.
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How every attention of a UNet computes (memory and kernels, not math).
 
-    One fused call holds batch x heads x queries x keys float32 scores: 5.4 GB
-    for one SD 2.1 self-attention at 512 px and batch 16. In blocks of queries,
-    each recomputed in the backward pass, it holds one block's scores instead;
-    the result is the same up to float rounding.
-    """
-    n = q.shape[1]
+    ``query_block`` > 0: that many queries at a time. One fused call holds batch x heads x queries x keys
+    float32 scores: 5.4 GB for one SD 2.1 self-attention at 512 px and batch 16. In blocks of queries, each
+    recomputed in the backward pass, it holds one block's scores instead; the result is the same up to float
+    rounding. ``implementation``: ``jax.nn.dot_product_attention``'s, None to let XLA choose, "cudnn" for
+    cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16 only), "xla" for XLA's own."""
+
+    query_block: int = 0
+    implementation: Optional[str] = None
+
+
+def attention(q, k, v, options: AttentionOptions = AttentionOptions()):
+    """Softmax attention over [batch, tokens, heads, dim], computed as ``options`` say."""
+    n, query_block = q.shape[1], options.query_block
+    fused = lambda queries: jax.nn.dot_product_attention(queries, k, v, implementation=options.implementation)
     if not query_block or n <= query_block:
-        return jax.nn.dot_product_attention(q, k, v)
+        return fused(q)
     pad = -n % query_block
     blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     blocks = blocks.reshape(q.shape[0], -1, query_block, *q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(lambda block: jax.nn.dot_product_attention(block, k, v)), blocks)
+    out = jax.lax.map(jax.checkpoint(fused), blocks)
     return out.swapaxes(0, 1).reshape(q.shape[0], n + pad, *q.shape[2:])[:, :n]
 
 
@@ -76,7 +86,7 @@ class Attention(nn.Module):
 
     Uses ``jax.nn.dot_product_attention`` so XLA may pick a fused kernel on GPU.
     ``upcast`` runs the scores and softmax in float32 (SD 2.x 768-v checkpoints);
-    ``query_block`` bounds the scores' memory (see ``attention``).
+    ``options`` bound the scores' memory and pick the kernel (``AttentionOptions``).
     """
 
     heads: int
@@ -85,7 +95,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     upcast: bool = False
     lora_scale: float = 1.0
-    query_block: int = 0
+    options: AttentionOptions = AttentionOptions()
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -99,7 +109,7 @@ class Attention(nn.Module):
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = shard_batch(attention(q, k, v, self.query_block).astype(self.dtype))
+        out = shard_batch(attention(q, k, v, self.options).astype(self.dtype))
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return LoRADense(self.out_dim or x.shape[-1], True, self.lora_scale, self.dtype, name="to_out.0")(out)
 

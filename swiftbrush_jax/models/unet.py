@@ -7,7 +7,7 @@ so ``swiftbrush_jax.weights`` maps ``diffusion_pytorch_model.safetensors`` by ru
 
 import dataclasses
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from .. import weights
 from ..sharding import shard_batch
 from . import UnsupportedConfigError, read_config
-from .layers import Attention, Downsample2D, LoRADense, ResnetBlock2D, Upsample2D, conv, group_norm
+from .layers import Attention, AttentionOptions, Downsample2D, LoRADense, ResnetBlock2D, Upsample2D, conv, group_norm
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -227,14 +227,14 @@ class BasicTransformerBlock(nn.Module):
     dim_head: int
     upcast: bool = False
     lora_scale: float = 1.0
-    query_block: int = 0
+    attention: AttentionOptions = AttentionOptions()
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast, lora_scale=self.lora_scale,
-                                      query_block=self.query_block, dtype=self.dtype, name=name)
+                                      options=self.attention, dtype=self.dtype, name=name)
         x = x + attn("attn1")(norm("norm1")(x))
         x = x + attn("attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.lora_scale, self.dtype, name="ff")(norm("norm3")(x))
@@ -249,7 +249,7 @@ class Transformer2DModel(nn.Module):
     linear_projection: bool
     upcast: bool = False
     lora_scale: float = 1.0
-    query_block: int = 0
+    attention: AttentionOptions = AttentionOptions()
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -263,7 +263,7 @@ class Transformer2DModel(nn.Module):
                                                    pointwise_conv=not self.linear_projection, name=name)
         y = project(inner, "proj_in")(y.reshape(b, h * w, c))
         for i in range(self.depth):
-            y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.query_block,
+            y = BasicTransformerBlock(self.heads, dim_head, self.upcast, self.lora_scale, self.attention,
                                       self.dtype, name=f"transformer_blocks.{i}")(y, context)
         y = project(c, "proj_out")(y).reshape(b, h, w, c)
         return shard_batch((y + x).astype(self.dtype))
@@ -287,7 +287,7 @@ class BlockOptions:
     upcast: bool
     lora_scale: float
     remat: str
-    query_block: int
+    attention: AttentionOptions
     dtype: jnp.dtype
 
     def resnet(self, out_channels: int, name: str, scale: float = 1.0):
@@ -296,7 +296,7 @@ class BlockOptions:
 
     def transformer(self, heads: int, depth: int, name: str):
         return _rematted(Transformer2DModel, self.remat)(
-            heads, depth, self.groups, self.linear_projection, self.upcast, self.lora_scale, self.query_block,
+            heads, depth, self.groups, self.linear_projection, self.upcast, self.lora_scale, self.attention,
             self.dtype, name=name)
 
 
@@ -371,7 +371,8 @@ class UNet2DConditionModel(nn.Module):
     ``remat`` recomputes each resnet / transformer in the backward pass
     ("full") or all but its weight-matmul outputs ("dots"), trading compute for memory;
     ``lora_scale`` multiplies any adapter in the ``lora`` variable collection;
-    ``attention_query_block`` > 0 runs attention that many queries at a time (memory, not math).
+    ``attention_query_block`` > 0 runs attention that many queries at a time (memory, not math);
+    ``attention_implementation`` picks its kernel (``layers.AttentionOptions``).
     """
 
     config: UNetConfig
@@ -379,6 +380,7 @@ class UNet2DConditionModel(nn.Module):
     remat: str = "none"
     lora_scale: float = 1.0
     attention_query_block: int = 0
+    attention_implementation: Optional[str] = None
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -389,7 +391,9 @@ class UNet2DConditionModel(nn.Module):
         if sample.shape[1] % factor or sample.shape[2] % factor:
             raise ValueError(f"latent size {sample.shape[1:3]} must be a multiple of {factor} for this UNet")
         opts = BlockOptions(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection, cfg.upcast_attention,
-                            self.lora_scale, self.remat, self.attention_query_block, self.dtype)
+                            self.lora_scale, self.remat,
+                            AttentionOptions(self.attention_query_block, self.attention_implementation or None),
+                            self.dtype)
         batch = sample.shape[0]
         context = encoder_hidden_states.astype(self.dtype)
         if cfg.center_input_sample:
