@@ -104,7 +104,7 @@ SETTINGS = {
     "scores f32 compute, 3-pass bf16 matmuls": Setting(change="scores_f32", matmul_passes="bf16_3x"),
 }
 SD21_SETTINGS = ("bf16", "scores f32 compute", "scores f32 compute, 1-pass bf16 matmuls",
-                 "scores f32 compute, 3-pass bf16 matmuls")
+                 "scores f32 compute, tf32 matmuls", "scores f32 compute, 3-pass bf16 matmuls")
 
 
 # Significand bits an accelerator keeps of float32 matmul/conv inputs at its default precision
