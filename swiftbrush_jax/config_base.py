@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.sample_every = 2_000
     c.max_consecutive_skips = 20  # stop when this many updates in a row were non-finite
+    c.peer_timeout_s = 300  # multi-process: a process silent this long is lost; the others exit (docs/reliability.md)
 
     c.vsd = ml_collections.ConfigDict(dict(
         guidance_scale=4.5, lora_guidance_scale=4.5, t_min=20, t_max=980, lora_t_min=0, lora_t_max=999,

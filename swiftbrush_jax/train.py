@@ -46,12 +46,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _StopRequest:
-    """Set by SIGTERM/SIGINT (e.g. preemption) once the loop runs; the loop saves and exits at the next step
-    boundary. Until then the signals keep their default action, which ends the process at once, even inside
-    a compilation that a Python handler would only see when it returns."""
+    """Set by SIGTERM/SIGINT (e.g. preemption) once the first step has returned; the loop saves and exits at
+    the next step boundary. Until then the signals keep their default action, which ends the process at once,
+    even inside the first compilation, which a Python handler would only see when it returns."""
 
     def __init__(self):
         self.signal = None
+        self.stopping = False
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
 
@@ -61,6 +62,15 @@ class _StopRequest:
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any process has been signalled: every process stops after the same step, so their
+        checkpoints are one consistent save."""
+        self.stopping = self.stopping or distributed.any_process(self.signal is not None)
+        return self.stopping
+
+    def describe(self) -> str:
+        return f"{self.signal} received" if self.signal else "another process was signalled"
 
 
 def log(message: str) -> None:
@@ -279,9 +289,9 @@ def main(argv):
     # When orbax's parallel writes fail together (a full disk), asyncio repeats each at exit as "Task
     # exception was never retrieved", after the one error line that already reports the failure.
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-    distributed.initialize()
+    distributed.initialize(config.peer_timeout_s)
     is_main = jax.process_index() == 0
-    stop = _StopRequest()  # before the loop: the signals' default action, an immediate end
+    stop = _StopRequest()  # until the first step returns: the signals' default action, an immediate end
     t_start = time.time()
 
     run = set_up(config, workdir)
@@ -301,7 +311,6 @@ def main(argv):
     t_first, images = None, 0
     step = start
     previous = None  # last step's metrics: read once the next step is queued, so the device never waits on us
-    stop.start()
     with tokenized, progress_bar(start, config.total_steps, is_main) as progress:
         while step < config.total_steps:
             ids = sharding.global_batch_array(next(tokenized), mesh)
@@ -316,6 +325,7 @@ def main(argv):
             if t_first is None:
                 jax.block_until_ready(state.step)
                 t_first = time.time() - t_start
+                stop.start()
                 log(f"first step done {t_first:.1f} s after start (includes compilation)")
                 images, t_loop = 0, time.time()
             if step % config.log_every == 0 or step == config.total_steps:
@@ -330,17 +340,19 @@ def main(argv):
             # While updates are being skipped, periodic saves wait, so that max_to_keep never retires
             # the last good checkpoint for copies of a stalled run.
             periodic = step % config.checkpoint_every == 0
-            if periodic or step == config.total_steps or stop.signal:
+            stopping = stop.agreed()
+            if periodic or step == config.total_steps or stopping:
                 streak = check_divergence(metrics, step, config.max_consecutive_skips, mngr)
                 previous = None  # checked now; the next iteration need not read it again
-                if (periodic and not streak) or step == config.total_steps or stop.signal:
+                if (periodic and not streak) or step == config.total_steps or stopping:
                     save(step)
-            if stop.signal:
-                log(f"{stop.signal} received: saved step {step}, exiting")
+            if stopping:
+                log(f"{stop.describe()}: saved step {step}, exiting")
                 break
     ckpt.finish(mngr)
     mngr.close()
     wall = time.time() - t_start
+    distributed.finished()
     if is_main:
         done = step - start
         rate = images / max(time.time() - t_loop, 1e-9) if t_first is not None and done > 1 else 0.0
@@ -348,7 +360,7 @@ def main(argv):
               f"{rate:.2f} images/s after compilation; workdir {workdir}", flush=True)
     if writer is not None:
         writer.close()
-    if stop.signal:
+    if stop.stopping:
         sys.exit(0)
 
 
@@ -496,4 +508,4 @@ class progress_bar:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(exit_on_user_error(main), flags_parser=parse_flags_or_exit)
+    app.run(exit_on_user_error(distributed.peer_loss_first(main)), flags_parser=parse_flags_or_exit)
