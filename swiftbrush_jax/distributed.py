@@ -65,9 +65,10 @@ def _client():
 def lost_peer(index: int, count: int, me: int, timeout_s: float, detail: str) -> None:
     """End this process at once with one line naming the lost process: its collectives would wait on the
     peer forever (a hung host) or until JAX aborts. Checkpoints only ever appear complete, so a restart of
-    every process resumes from the newest one. Calls no JAX function: it runs on the watchdog's thread,
+    every process resumes from the newest one. The line starts a line of its own, after a progress bar
+    the main thread may be drawing. Calls no JAX function: it runs on the watchdog's thread,
     possibly while the main thread is tearing JAX down."""
-    print(f"error: process {index} of {count} was lost ({detail}; this is process {me}, "
+    print(f"\nerror: process {index} of {count} was lost ({detail}; this is process {me}, "
           f"peer_timeout_s={timeout_s:g}); stopping without saving: restart all processes to resume from "
           f"the newest complete checkpoint", file=sys.stderr, flush=True)
     os._exit(EXIT_PEER_LOST)

@@ -485,3 +485,127 @@ def test_a_write_failing_midway_keeps_the_previous_checkpoint_even_with_keep_1(t
         ckpt.save(mngr, 2, {**state, "w": state["w"] + 1}, {})
         ckpt.finish(mngr)
         assert steps_on_disk(disk) == ([2], [])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A pod of 2 processes x 2 CPU devices (jax.distributed over 127.0.0.1, gloo): a lost process, preemption.
+
+POD_STEPS = 16
+PEER_TIMEOUT_S = 10
+POD_EXIT_BOUND_S = PEER_TIMEOUT_S + 30  # the watchdog's limit, plus its polling and a loaded machine's slack
+
+
+def launch_pod(workdir, *overrides) -> list:
+    """Both processes of a 2-process run; returns [(proc, out, err)] indexed by process id."""
+    port = str(random.Random().randrange(20000, 40000))
+    return [launch(workdir, [f"--config.peer_timeout_s={PEER_TIMEOUT_S}", "--config.batch_size=4",
+                             "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                             "--process_id", str(i), *overrides], devices=2) for i in range(2)]
+
+
+def pod_kill_when(workdir, condition: Callable[[str], bool]) -> dict:
+    """Run the pod until ``condition(workdir)``, SIGKILL process 1 and time process 0's exit."""
+    pod = launch_pod(workdir, "--config.total_steps=1000")
+    start = time.time()
+    while pod[0][0].poll() is None and time.time() - start < TIMEOUT and not condition(str(workdir)):
+        time.sleep(0.01)
+    on_disk = steps_on_disk(workdir)
+    pod[1][0].send_signal(signal.SIGKILL)
+    killed = time.time()
+    survivor = collect(*pod[0])
+    return {"survivor": survivor, "exit_s": time.time() - killed, "on_disk_at_kill": on_disk,
+            "killed": collect(*pod[1])}
+
+
+def pod_state(workdir, step: int):
+    """A 2-process run's checkpoint, read here on one device (its 4-device layout does not exist here)."""
+    from swiftbrush_jax.checkpoint import read_on_one_device
+
+    return read_on_one_device(os.path.join(workdir, "checkpoints"), step)[0]
+
+
+def newer_than(workdir, step) -> bool:
+    return bool(steps_on_disk(workdir)[0]) and steps_on_disk(workdir)[0][-1] > step
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    """An uninterrupted 2-process run; then, on another workdir: process 1 SIGKILLed after checkpoint 4
+    (during training), SIGKILLed again while a later checkpoint is being written, then both processes
+    SIGTERMed, and a last restart to POD_STEPS."""
+    base = tmp_path_factory.mktemp("pod")
+    reference = [collect(*p) for p in launch_pod(base / "reference", f"--config.total_steps={POD_STEPS}")]
+    workdir = base / "chain"
+    training = pod_kill_when(workdir, lambda w: 4 in steps_on_disk(w)[0])
+    after_first = steps_on_disk(workdir)[0][-1]
+    mid_write = pod_kill_when(workdir, lambda w: any(int(n.split(".")[0]) > after_first for n in steps_on_disk(w)[1]))
+    mid_write["resumed_from"] = resumed_from(mid_write["survivor"].stderr)
+    before_term = steps_on_disk(workdir)[0][-1]
+    procs = launch_pod(workdir, "--config.total_steps=1000")
+    deadline = time.time() + TIMEOUT
+    while procs[0][0].poll() is None and time.time() < deadline and not newer_than(workdir, before_term + 1):
+        time.sleep(0.01)
+    for proc, _, _ in procs:
+        proc.send_signal(signal.SIGTERM)
+    terminated = [collect(*p) for p in procs]
+    after_term = steps_on_disk(workdir)
+    final = [collect(*p) for p in launch_pod(workdir, f"--config.total_steps={POD_STEPS}")]
+    return {"reference": (reference, base / "reference"), "training": training, "mid_write": mid_write,
+            "before_term": before_term, "terminated": terminated, "after_term": after_term, "final": final,
+            "workdir": workdir}
+
+
+def assert_lost_peer_reported(record):
+    survivor = record["survivor"]
+    print(f"process 1 SIGKILLed (on disk then: {record['on_disk_at_kill']}); process 0 exited "
+          f"{record['exit_s']:.1f} s later with status {survivor.returncode}: {last_line(survivor.stderr)}")
+    assert survivor.returncode == 3, survivor.stderr[-3000:]
+    assert last_line(survivor.stderr).startswith("error: process 1 of 2 was lost"), survivor.stderr[-3000:]
+    assert "Check failure" not in survivor.stderr and "Fatal Python error" not in survivor.stderr
+    assert record["exit_s"] < POD_EXIT_BOUND_S
+
+
+def test_a_lost_process_ends_the_others_in_bounded_time_with_one_line(pod):
+    assert all(r.returncode == 0 for r in pod["reference"][0]), pod["reference"][0][0].stderr[-3000:]
+    assert_lost_peer_reported(pod["training"])
+    assert not pod["training"]["on_disk_at_kill"][1]  # killed between writes, not during one
+
+
+def test_a_process_lost_during_a_checkpoint_write_leaves_no_half_checkpoint(pod):
+    record = pod["mid_write"]
+    assert record["on_disk_at_kill"][1], "the kill did not land during a checkpoint write"
+    assert_lost_peer_reported(record)
+    assert record["resumed_from"] == pod["training"]["on_disk_at_kill"][0][-1] or record["resumed_from"] >= 4
+
+
+def test_sigterm_to_every_process_saves_one_checkpoint_and_exits_0(pod):
+    terminated, (complete, partial) = pod["terminated"], pod["after_term"]
+    assert [r.returncode for r in terminated] == [0, 0], terminated[0].stderr[-3000:] + terminated[1].stderr[-3000:]
+    assert f"saved step {complete[-1]}, exiting" in terminated[0].stderr and partial == []
+    assert complete[-1] > pod["before_term"]
+
+
+def test_a_pod_restarted_after_losses_and_preemption_ends_bitwise_as_an_uninterrupted_one(pod):
+    final = pod["final"]
+    assert [r.returncode for r in final] == [0, 0], final[0].stderr[-3000:]
+    assert resumed_from(final[0].stderr) == pod["after_term"][0][-1]
+    assert steps_on_disk(pod["workdir"])[1] == []
+    assert differing_arrays(pod_state(pod["reference"][1], POD_STEPS), pod_state(pod["workdir"], POD_STEPS)) == []
+
+
+def test_sigterm_during_the_first_compilation_ends_the_process_at_once(tmp_path):
+    """The signal lands after the progress bar appeared, inside the first compilation (the persistent cache
+    is off, so the compile is real): the default action ends the process, nothing is written."""
+    proc, out, err = launch(tmp_path / "w", ["--config.total_steps=1000"],
+                            extra_env={"JAX_ENABLE_COMPILATION_CACHE": "false"})
+    deadline = time.time() + TIMEOUT
+    while "0/1000" not in written(err) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)
+    assert "first step done" not in written(err), "the compilation ended before the signal; it proves nothing"
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    run = collect(proc, out, err)
+    assert run.returncode == -signal.SIGTERM, run.stderr[-3000:]
+    assert time.time() - sent < 10
+    assert steps_on_disk(tmp_path / "w") == ([], [])
