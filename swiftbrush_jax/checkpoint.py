@@ -33,7 +33,7 @@ CHANGEABLE_ON_RESUME = (
     "keep_checkpoints", "sample_every", "max_consecutive_skips", "mesh.*", "remat", "attention_query_block",
     "attention_implementation", "peer_timeout_s",
     "microbatches", "vsd.lora_updates_per_step", "teacher_dtype", "student_compute_dtype", "score_dtype", "score_precision",
-    "score_matmuls",
+    "score_matmuls", "score_pair",
     "*_optimizer.lr", "*_optimizer.warmup_steps", "*_optimizer.decay_steps", "*_optimizer.weight_decay",
     "*_optimizer.clip",
 )

@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     # jax.default_matmul_precision of those float32 matmuls: "tensorfloat32" runs them as TF32 on NVIDIA GPUs and
     # 3-pass bf16 on TPUs (float32 on a CPU); "highest" is FP32 without tensor cores on GPUs, 6 passes on TPUs.
     c.score_precision = "tensorfloat32"
+    # True: e_lora - e_teacher from one pair pass of the UNet in score_dtype (swiftbrush_jax.pair, docs/bf16.md):
+    # the difference carried through the network itself, so bf16 rounds relative to it.
+    c.score_pair = False
     c.remat = "none"  # none | full | dots: recompute each UNet block's activations in the backward pass
     c.attention_query_block = 0  # >0: attention this many queries at a time (bounds its memory); 0: one call
     c.attention_implementation = ""  # jax.nn.dot_product_attention's: "" (XLA picks), "cudnn" (NVIDIA GPUs), "xla"

@@ -172,7 +172,8 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
         student_tx=make_optimizer(**config.student_optimizer), lora_tx=make_optimizer(**config.lora_optimizer),
         latent_shape=(latent, latent, unet_config.in_channels), microbatches=config.microbatches,
-        score_unet=score_unet, score_precision=config.score_precision or None, lora_student=lora_student,
+        score_unet=score_unet, score_precision=config.score_precision or None, score_pair=config.score_pair,
+        lora_student=lora_student,
         clip_model=clip_parts[0] if clip_parts else None, clip_decode=clip_parts[1] if clip_parts else None)
 
 

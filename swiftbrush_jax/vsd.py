@@ -19,6 +19,7 @@ from flax import struct
 
 from . import schedule as sched
 from .generate import guided, one_step_x0
+from .pair import guided_difference
 from .models.clip_model import clip_pixels, cosine
 
 
@@ -149,6 +150,9 @@ class VSD:
     # teacher is still close to the teacher (docs/bf16.md).
     score_unet: Optional[nn.Module] = None
     score_precision: Optional[str] = None
+    # The difference e_lora - e_teacher from one pair pass of the adapted UNet (swiftbrush_jax.pair) instead of
+    # subtracting two guided scores: exact to the pass's dtype relative to the difference itself.
+    score_pair: bool = False
     # The student's trainable tree: a whole UNet, or (lora_student) a LoRA collection laid over the frozen
     # teacher's weights, applied by ``student_unet`` with the student's LoRA scale: no third copy of the UNet
     # (SwiftBrush v2's student B, docs/method.md §6).
@@ -198,6 +202,13 @@ class VSD:
         c, t = self.config, noise.t_vsd
         unet = self.score_unet or self.teacher_unet
         x_t = sched.add_noise(self.schedule, x0, noise.eps_vsd, t)
+        _, sigma = sched.alpha_sigma(self.schedule, t)
+        if self.score_pair and c.use_lora_teacher:
+            _, difference = guided_difference(unet, teacher_params, lora_params, x_t, t, cond, uncond,
+                                              c.guidance_scale, c.lora_guidance_scale)
+            # The epsilon a prediction implies is affine in it at fixed x_t: differences convert without x_t.
+            difference = sched.to_epsilon(self.schedule, difference, jnp.zeros_like(x_t), t)
+            return jnp.nan_to_num(-sigma**2 * difference, nan=0.0, posinf=0.0, neginf=0.0)
         with jax.default_matmul_precision(self.score_precision):
             e_teacher = guided(unet, {"params": teacher_params}, x_t, t, cond, uncond, c.guidance_scale)
             e_teacher = sched.to_epsilon(self.schedule, e_teacher, x_t, t)
@@ -207,7 +218,6 @@ class VSD:
                 e_lora = sched.to_epsilon(self.schedule, e_lora, x_t, t)
             else:
                 e_lora = noise.eps_vsd
-        _, sigma = sched.alpha_sigma(self.schedule, t)
         grad = sigma**2 * (e_teacher - e_lora)
         return jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
