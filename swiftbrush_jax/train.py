@@ -157,6 +157,9 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
     if attention not in ("", "xla", "cudnn") or (attention == "cudnn" and jax.default_backend() != "gpu"):
         raise UsageError(f"--config.attention_implementation={attention!r}: use '' (XLA picks), 'xla', or 'cudnn' "
                          f"on an NVIDIA GPU (this backend: {jax.default_backend()})")
+    if config.score_pair and config.attention_query_block:
+        raise UsageError(f"--config.score_pair: the pair pass evaluates attention in one call; set "
+                         f"--config.attention_query_block=0 (now {config.attention_query_block}) or score_pair=False")
     if lora_student and config.get("student_init"):
         raise UsageError("--config.student_init: a LoRA student (student_lora.rank > 0) is the teacher plus "
                          "adapters and cannot start from another UNet; leave student_init empty")

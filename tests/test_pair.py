@@ -175,3 +175,9 @@ def test_loops_are_refused_by_name():
     fun = lambda x: jax.lax.map(jnp.sin, x)
     with pytest.raises(NotImplementedError, match="scan"):
         pair.pair_apply(fun, (jnp.ones((3, 2)),), (jnp.ones((3, 2)),))
+
+
+def test_pair_with_query_blocks_is_refused_in_one_line(tiny):
+    pipe = tiny[0]
+    with pytest.raises(train.UsageError, match="attention_query_block=0"):
+        train.build_vsd(config_with(score_pair=True, attention_query_block=16), pipe)
