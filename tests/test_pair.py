@@ -2,6 +2,7 @@
 the float32 subtraction, and the bf16 step's student gradient with it (docs/bf16.md)."""
 
 import os
+import zlib
 
 import flax.linen as nn
 import jax
@@ -54,16 +55,18 @@ RULES = {
 def test_rule_against_float64(name):
     """Each kind of rule: the pass's d against f(x + d) - f(x) in float64, for a small and a large d."""
     fun = RULES[name]
-    keys = jax.random.split(jax.random.PRNGKey(hash(name) % 2**31), 4)
+    keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode())), 4)
     x, y = (jax.random.normal(k, (6, 4)) for k in keys[:2])
-    for scale in (1e-3, 0.5):
+    # A float32 secant f(x + d) - f(x) cancels to about 1e-7 |f| / |d| relative: 1e-4 at d ~ 1e-3. A rule
+    # that drops or linearises a term is off by O(1) at the small d or O(d) at the large one.
+    for scale, tolerance in ((1e-3, 2e-3), (0.5, 1e-4)):
         dx, dy = (scale * jax.random.normal(k, (6, 4)) for k in keys[2:])
         _, d = jax.jit(lambda *a: pair.pair_apply(fun, a[:2], a[2:]))(x, y, dx, dy)
         with jax.enable_x64(True):
             x64, y64, dx64, dy64 = (np.asarray(a, np.float64) for a in (x, y, dx, dy))
             expected = fun(jnp.asarray(x64 + dx64), jnp.asarray(y64 + dy64)) - fun(jnp.asarray(x64), jnp.asarray(y64))
             expected = np.asarray(expected)
-        assert rel_error(d, expected) < 1e-4, (name, scale, rel_error(d, expected))
+        assert rel_error(d, expected) < tolerance, (name, scale, rel_error(d, expected))
 
 
 def test_none_delta_is_an_exact_zero_and_partial_trees():
