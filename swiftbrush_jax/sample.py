@@ -147,17 +147,25 @@ class BatchedSampler:
     def __init__(self, model: SamplingModel, batch_size: int, steps: int = 1, guidance: float = 1.0):
         devices = jax.local_devices()
         mesh = Mesh(np.asarray(devices), ("batch",))
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.devices = len(devices)
+        self.batch_size = self.rounded(batch_size)
         self.rows = NamedSharding(mesh, P("batch"))
         replicated = NamedSharding(mesh, P())
         self.pipe = model.pipe
         self._run = make_images(model, steps, guidance, lambda x: jax.device_put(x, replicated))
 
-    def __call__(self, prompts: Sequence[str], noise: np.ndarray) -> np.ndarray:
-        """Float images in [0, 1], NHWC, for len(prompts) <= batch_size pairs (prompts[i], noise[i])."""
+    def rounded(self, batch_size: int) -> int:
+        """``batch_size`` rounded up to a multiple of the local devices."""
+        return -(-batch_size // self.devices) * self.devices
+
+    def __call__(self, prompts: Sequence[str], noise: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+        """Float images in [0, 1], NHWC, for len(prompts) <= batch_size pairs (prompts[i], noise[i]), run as
+        one batch of ``batch_size`` rows (default: the sampler's; rounded up to a multiple of the devices).
+        Each image depends only on its own prompt and noise, whatever the batch it ran in."""
         n = len(prompts)
-        cond = self.pipe.encode_text(list(prompts) + [prompts[-1]] * (self.batch_size - n))
-        z = jax.device_put(_pad_rows(noise, self.batch_size), self.rows)
+        size = self.batch_size if batch_size is None else self.rounded(batch_size)
+        cond = self.pipe.encode_text(list(prompts) + [prompts[-1]] * (size - n))
+        z = jax.device_put(_pad_rows(noise, size), self.rows)
         return np.asarray(self._run(z, jax.device_put(cond, self.rows)))[:n]
 
     def images(self, prompts: Sequence[str], noise: np.ndarray) -> Iterator[Tuple[int, int, np.ndarray]]:
@@ -167,6 +175,15 @@ class BatchedSampler:
             chunk = pairs[start:start + self.batch_size]
             out = self([prompts[p] for p, _ in chunk], noise[[k for _, k in chunk]])
             yield from ((p, k, img) for (p, k), img in zip(chunk, out))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A float image in [0, 1], (H, W, C), as the PNG file ``sample`` writes."""
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(encoded, format="PNG")
+    return encoded.getvalue()
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -226,15 +243,10 @@ def main(argv: Sequence[str]) -> None:
         noise = seeded_noise(seeds, latent_shape(model))
         names = [f"seed{s}" for s in seeds]
     sampler = BatchedSampler(model, args.batch_size, steps, guidance)
-
-    from PIL import Image
-
     storage.makedirs(args.out)
     count = 0
     for p, k, image in sampler.images(prompts, noise):
-        encoded = io.BytesIO()
-        Image.fromarray(to_uint8(image)).save(encoded, format="PNG")
-        storage.write_bytes(storage.join(args.out, f"prompt{p:05d}_{names[k]}.png"), encoded.getvalue())
+        storage.write_bytes(storage.join(args.out, f"prompt{p:05d}_{names[k]}.png"), png_bytes(image))
         count += 1
     how = "1 step" if steps == 1 else f"{steps} DDIM steps, guidance {guidance:g}"
     print(f"wrote {count} images ({how}, {model.description}) to {args.out}", flush=True)
