@@ -31,7 +31,7 @@ LINEAR = {
     "reshape": (0,), "transpose": (0,), "broadcast_in_dim": (0,), "reduce_sum": (0,), "squeeze": (0,),
     "expand_dims": (0,), "rev": (0,), "slice": (0,), "convert_element_type": (0,), "real": (0,),
     "pad": (0, 1), "select_n": "cases", "dynamic_slice": (0,), "dynamic_update_slice": (0, 1), "gather": (0,),
-    "cumsum": (0,), "reduce_precision": None,
+    "cumsum": (0,),
 }
 BILINEAR = ("mul", "dot_general", "conv_general_dilated")
 # Call-like primitives, whose body is evaluated in place (under the name of the param holding it); any
@@ -67,8 +67,6 @@ def _linear(eqn, xs, ds):
     params = {}
     if eqn.primitive.name == "convert_element_type":
         params["new_dtype"] = F32  # d stays float32 whatever the primal is cast to
-    if eqn.primitive.name == "reduce_precision":
-        return [d for d in args]
     return [d.astype(F32) for d in _bind(eqn, *args, **params)]
 
 
@@ -150,9 +148,10 @@ def pair_apply(fun: Callable, primals: tuple, deltas: tuple) -> tuple:
     ``deltas`` has the structure of ``primals`` with None for any argument or leaf that does not change."""
     flat, tree = jax.tree_util.tree_flatten(primals)
     flat_deltas = _flat_deltas(primals, deltas)
-    closed = jax.make_jaxpr(lambda *leaves: fun(*jax.tree_util.tree_unflatten(tree, leaves)))(*flat)
+    closed, out_shape = jax.make_jaxpr(lambda *leaves: fun(*jax.tree_util.tree_unflatten(tree, leaves)),
+                                       return_shape=True)(*flat)
     outs, douts = eval_pair(closed.jaxpr, closed.consts, flat, flat_deltas)
-    out_tree = jax.tree_util.tree_structure(jax.eval_shape(fun, *primals))
+    out_tree = jax.tree_util.tree_structure(out_shape)
     douts = [jnp.zeros(jnp.shape(o), F32) if d is None else d for o, d in zip(outs, douts)]
     return jax.tree_util.tree_unflatten(out_tree, outs), jax.tree_util.tree_unflatten(out_tree, douts)
 
