@@ -7,8 +7,8 @@ Then open http://127.0.0.1:8000/. The model is what ``sample --model`` takes
 (a training workdir, an exported folder, a diffusers folder or Hub id), run
 the way ``sample`` runs it, so ``GET /image.png?prompt=P&seed=N`` is the PNG
 that ``sample --prompt P --seed N`` writes. ``&steps=&guidance=`` choose a
-diffusers model's DDIM; the server's defaults are ``--steps/--guidance``
-(``sample``'s when absent).
+diffusers model's DDIM; a field absent or empty (as a form sends it) takes the
+server's ``--steps/--guidance``, which are ``sample``'s when absent.
 
 Concurrent requests are grouped into one jitted call of a fixed batch size
 (``--batch-sizes``, a batch padded to the next), all compiled before
@@ -79,7 +79,8 @@ def parse_query(raw: str) -> Dict[str, str]:
 
 
 def _number(fields: Dict[str, str], name: str, kind, low, high):
-    if name not in fields:
+    """The field as a number in [low, high], or None where it is absent or empty (the default applies)."""
+    if not fields.get(name, "").strip():
         return None
     try:
         value = kind(fields[name])
@@ -128,9 +129,11 @@ class Server:
         seed = _number(fields, "seed", int, 0, MAX_SEED)
         steps = _number(fields, "steps", int, 1, MAX_STEPS)
         guidance = _number(fields, "guidance", float, 0.0, 100.0)
+        if not self.model.is_student:  # a field not given is the server's default, as a flag not given is sample's
+            steps = self.default[0] if steps is None else steps
+            guidance = self.default[1] if guidance is None and steps > 1 else guidance
         try:
-            setting = (self.default if steps is None and guidance is None else
-                       sample.sampling_steps(self.model, self.default[0] if steps is None else steps, guidance))
+            setting = sample.sampling_steps(self.model, steps, guidance)
         except UsageError as e:
             raise BadRequest(str(e).replace("--steps", "steps").replace("--guidance", "guidance")) from None
         if setting not in self.samplers and len(self.samplers) >= MAX_SETTINGS:
@@ -188,6 +191,9 @@ class Server:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "swiftbrush-jax"
+    # http.server's own refusals (an unsupported method, a malformed or overlong request line) as one line too
+    error_message_format = "error: %(message)s\n"
+    error_content_type = "text/plain; charset=utf-8"
     app: Server  # set on the subclass ``make_handler`` returns
 
     def log_message(self, format, *args):
@@ -282,8 +288,8 @@ def main(argv: Sequence[str]) -> None:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     logging.info("serving %s on http://%s:%d/ ; compiling batch sizes %s", model.description, host, port,
                  app.batch_sizes)
-    app.warm_up()
     try:
+        app.warm_up()
         app.run_batches()
     except KeyboardInterrupt:
         httpd.shutdown()

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("train", "sample", "export", "evaluate", "plan", "merge")
+COMMANDS = ("train", "sample", "export", "evaluate", "plan", "merge", "serve")
 
 
 def run(*args):

@@ -7,6 +7,7 @@ checkpoint (no training: compiling the VSD step costs minutes on a small CPU).
 
 import base64
 import http.client
+import http.server
 import json
 import os
 import re
@@ -140,6 +141,7 @@ def server(workdir):
 def test_healthz_is_503_until_compiled_then_200(server):
     assert server.health_before_ready and set(server.health_before_ready) == {503}
     assert server.health["ready"] and server.health["student"] and server.health["batch_sizes"] == [1, 2, 4, 8]
+    assert server.health["model"].startswith("EMA student of ") and server.health["steps"] == 1, server.health
 
 
 def test_images_equal_samples_whatever_the_batch(server, workdir, tmp_path):
@@ -167,6 +169,7 @@ def test_bad_input_is_one_4xx_line(server):
         "/image.png?prompt=cat&prompt=dog": "parameter 'prompt' given twice",
         "/image.png?prompt=%FF%FEcat": "the query is not UTF-8",
         "/image.png?prompt=cat&steps=4": "samples in one step",
+        "/image.png?prompt=cat&steps=&guidance=2": "samples in one step",
         "/nowhere": "no page '/nowhere'",
     }
     for target, message in cases.items():
@@ -178,6 +181,13 @@ def test_bad_input_is_one_4xx_line(server):
         s.sendall(b"GET /image.png?prompt=caf\xe9 HTTP/1.0\r\n\r\n")
         answer = b"".join(iter(lambda: s.recv(65536), b""))
     assert answer.startswith(b"HTTP/1.0 400") and b"error: the query is not UTF-8" in answer, answer
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/image.png", body=b"prompt=cat")
+    response = conn.getresponse()
+    assert response.status == 501 and response.read().decode().splitlines() == \
+        ["error: Unsupported method ('POST')"]
+    conn.close()
+    assert server.image("a red circle", 1, steps="")[0] == 200  # an empty field is the default, as forms send it
     assert server.image("a red circle", 1)[0] == 200  # and it still serves
 
 
@@ -198,9 +208,15 @@ def test_a_diffusers_folder_is_served_as_sample_runs_it_and_a_full_queue_is_a_qu
     served = Served("--model", teacher, "--steps", "2", "--guidance", "3", "--batch-sizes", "1", "--queue", "1")
     try:
         assert not served.health["student"] and (served.health["steps"], served.health["guidance"]) == (2, 3)
+        assert served.health["model"].startswith("UNet of "), served.health
         status, body, headers = served.image(PROMPTS[0], 7)
         assert status == 200 and headers["X-Steps"] == "2", body
         assert np.abs(pixels(body) - expected[(PROMPTS[0], 7)]).max() <= TOLERANCE
+        # a field absent or empty is the server's default: the same compiled setting, the same image
+        for extra in ({"steps": 2}, {"guidance": 3}, {"steps": "", "guidance": ""}):
+            again = served.image(PROMPTS[0], 7, **extra)
+            assert again[0] == 200 and (again[2]["X-Steps"], again[2]["X-Guidance"]) == ("2", "3"), (extra, again)
+            assert again[1] == body, extra
         answers = concurrently([(served.image, (PROMPTS[0], seed)) for seed in range(12)])
         statuses = [status for status, _, _ in answers]
         assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
@@ -277,24 +293,32 @@ class Chromium:
         os.close(self.from_chrome)
 
 
-def test_chromium_types_a_prompt_and_the_image_is_redrawn(server, tmp_path):
+def open_page(port: int, profile: str) -> Chromium:
+    """Headless Chromium on the page at 127.0.0.1:port once it has shown its model line; skipped with the reason
+    where Chromium is missing or cannot start, except in CI (CI=true), where that is a failure."""
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI") == "true":
             pytest.fail(f"{CHROMIUM} is missing in CI; .ci/run installs Debian's chromium package")
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-    browser = Chromium(f"http://127.0.0.1:{server.port}/", str(tmp_path / "profile"))
+    browser = Chromium(f"http://127.0.0.1:{port}/", profile)
     try:
-        try:
-            browser.attach_to_page()
-        except AssertionError as e:
-            if os.environ.get("CI") == "true":
-                raise
-            pytest.skip(f"Chromium cannot start here: {e}")
+        browser.attach_to_page()
+    except AssertionError as e:
+        browser.close()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"Chromium cannot start here: {e}")
+    deadline = time.monotonic() + 60
+    while "loading" in (browser.evaluate("document.getElementById('model').textContent") or "loading"):
+        assert time.monotonic() < deadline, "the page never loaded its model line"
+        time.sleep(0.2)
+    return browser
+
+
+def test_chromium_types_a_prompt_and_the_image_is_redrawn(server, tmp_path):
+    browser = open_page(server.port, str(tmp_path / "profile"))
+    try:
         deadline = time.monotonic() + 60
-        while browser.evaluate("document.readyState + '|' + document.getElementById('model').textContent") \
-                in (None, "") or "loading" in browser.evaluate("document.getElementById('model').textContent"):
-            assert time.monotonic() < deadline, "the page never loaded its model line"
-            time.sleep(0.2)
         before = pixels(browser.screenshot())
         browser.evaluate("document.getElementById('prompt').focus()")
         for typed in ("a red ", "circle"):  # two bursts: the first answer is replaced by the second
@@ -320,3 +344,79 @@ def test_chromium_types_a_prompt_and_the_image_is_redrawn(server, tmp_path):
         assert (np.abs(after - before).max(axis=2) > 0.2).sum() > 5000  # the drawn image, not a caret or text
     finally:
         browser.close()
+
+
+class Reordering(http.server.ThreadingHTTPServer):
+    """A proxy in front of the server that answers out of order: the answer to ``slow`` (an image request for
+    that prompt) is held back until the answer to ``fast`` has been passed on, as a request waiting for a batch
+    or a compilation is answered after a later one."""
+
+    def __init__(self, upstream: int, slow: str, fast: str):
+        self.upstream, self.slow, self.fast = upstream, slow, fast
+        self.slow_asked, self.fast_answered, self.slow_answered = (threading.Event() for _ in range(3))
+        self.answered = []  # the prompts of the image requests passed on, in order
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                prompt = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("prompt", [None])[0]
+                conn = http.client.HTTPConnection("127.0.0.1", outer.upstream, timeout=300)
+                conn.request("GET", self.path)
+                response = conn.getresponse()
+                body = response.read()
+                conn.close()
+                if prompt == outer.slow:
+                    outer.slow_asked.set()
+                    assert outer.fast_answered.wait(120), "the page never asked for the newer prompt"
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in ("server", "date", "connection"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                if prompt is not None:
+                    outer.answered.append(prompt)
+                if prompt == outer.fast:
+                    outer.fast_answered.set()
+                if prompt == outer.slow:
+                    outer.slow_answered.set()
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_chromium_shows_only_the_newest_answer_when_an_older_one_comes_later(server, tmp_path):
+    slow, fast = PROMPTS
+    proxy = Reordering(server.port, slow, fast)
+    browser = open_page(proxy.server_address[1], str(tmp_path / "profile"))
+    try:
+        shown = "document.getElementById('image').dataset.prompt || ''"
+        # Count the answers whose body has arrived, by a copy of each response read aside from the page's code.
+        browser.evaluate("window.bodies = 0; const pageFetch = window.fetch; window.fetch = (...args) => "
+                         "pageFetch(...args).then((r) => { r.clone().blob().then(() => window.bodies++); return r; })")
+        browser.evaluate("document.getElementById('prompt').focus()")
+        browser.send("Input.insertText", text=slow)
+        assert proxy.slow_asked.wait(60), "the page never asked for the first prompt"
+        browser.evaluate("document.getElementById('prompt').select()")
+        browser.send("Input.insertText", text=fast)  # replaces the selection: the prompt is now `fast`
+        assert proxy.slow_answered.wait(60) and proxy.answered == [fast, slow], proxy.answered
+        # The older answer has been passed on after the newer one. Once the browser holds its body, the page's
+        # own code (which would read that body, unless it drops the answer first) is given time to act on it.
+        deadline = time.monotonic() + 30
+        while browser.evaluate("window.bodies") < 2:
+            assert time.monotonic() < deadline, "the browser never received both answers"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert browser.evaluate(shown) == fast, browser.evaluate(shown)
+        assert browser.evaluate("document.getElementById('prompt').value") == fast
+        status = browser.evaluate("document.getElementById('status').textContent")
+        assert re.match(r"[\d.]+ ms to generate", status), status
+    finally:
+        browser.close()
+        proxy.shutdown()
+        proxy.server_close()
