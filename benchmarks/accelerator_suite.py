@@ -29,7 +29,7 @@ from harness import hardware, time_steady, write_json  # noqa: E402
 from pipelines import pipeline_folder, training_config  # noqa: E402
 
 from swiftbrush_jax import plan, precision  # noqa: E402
-from swiftbrush_jax.pipeline import load_pipeline  # noqa: E402
+from swiftbrush_jax.files.pipeline import load_pipeline
 
 # Dense bf16 peak FLOP/s by device kind (datasheets), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12,
@@ -54,7 +54,8 @@ def peak_memory_bytes(device) -> int | None:
 
 def step_for(pipe, config, batch: int):
     """The trainer's step as ``plan`` lowers it, on real (random) weights: a blocking no-argument callable."""
-    from swiftbrush_jax import sharding, train
+    from swiftbrush_jax.parallel import sharding
+    from swiftbrush_jax import train
 
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     vsd = train.build_vsd(config, pipe)

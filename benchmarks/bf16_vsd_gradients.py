@@ -461,8 +461,8 @@ def markdown_table(results: dict) -> str:
 
 def tiny_problem(root: str, batch: int, seed: int) -> Problem:
     """The tiny SD 2.1-shaped pipeline of configs/tiny.py (random weights), the trainer's own modules."""
-    from swiftbrush_jax.pipeline import load_pipeline
-    from swiftbrush_jax.tiny import CORPUS, make_tiny_pipeline
+    from swiftbrush_jax.files.pipeline import load_pipeline
+    from swiftbrush_jax.toy.tiny_teacher import CORPUS, make_tiny_pipeline
 
     config = training_config("tiny")
     pipe = load_pipeline(make_tiny_pipeline(os.path.join(root, "tiny")))
@@ -504,7 +504,7 @@ def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem
     """
     from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from swiftbrush_jax.schedule import NoiseSchedule
-    from swiftbrush_jax.sd21_arch import SCHEDULER, UNET
+    from swiftbrush_jax.models.presets import SCHEDULER, UNET
     from swiftbrush_jax.vsd import VSDConfig, make_optimizer
 
     config = training_config("sd21")

@@ -7,7 +7,7 @@ Images/s are measured through paper_eval's own generation step (seeded noise,
 ``sample.BatchedSampler`` in one step, PNG files, manifest) for the tiny random
 pipeline and the shipped shapes teacher, after one warm-up batch that compiles.
 The FLOPs are XLA's cost analysis of the lowered (not compiled) text encoder,
-UNet and VAE decoder of SD 2.1-base's architecture (``swiftbrush_jax.sd21_arch``)
+UNet and VAE decoder of SD 2.1-base's architecture (``swiftbrush_jax.models.presets``)
 with abstract parameters, so no weights are needed: one image of a one-step
 student is text encoder + UNet + decoder; the 25-step teacher with
 classifier-free guidance is the text encoder, 50 UNet calls (conditional and
@@ -33,7 +33,7 @@ TEACHER_STEPS = 25  # the SD 2.1 row of SwiftBrush's Table 1 (docs/method.md §7
 
 def generation_rate(folder: str, batch_size: int, images: int) -> dict:
     """Images/s of paper_eval's generation step after a warm-up batch (compilation), one step."""
-    from swiftbrush_jax.paper_eval import generation
+    from swiftbrush_jax.evaluators import generation
     from swiftbrush_jax.sample import BatchedSampler, latent_shape, load_sampling_model
 
     model = load_sampling_model(folder)
@@ -61,8 +61,8 @@ def lowered_flops(fn, *args) -> float:
 
 def sd21_flops_per_image() -> dict:
     """FLOPs of one image's text encoder, UNet call and VAE decode at SD 2.1-base's 512 px, batch 1."""
-    from swiftbrush_jax import sd21_arch
-    from swiftbrush_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from swiftbrush_jax.models import presets as sd21_arch
+    from swiftbrush_jax.models.text_encoder import CLIPTextConfig, CLIPTextModel
     from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from swiftbrush_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -94,7 +94,8 @@ def main():
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    from swiftbrush_jax import tiny, toy
+    from swiftbrush_jax.toy import tiny_teacher as tiny
+    from swiftbrush_jax import toy
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

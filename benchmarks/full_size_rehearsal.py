@@ -4,7 +4,7 @@
         [--json out.json] [--config configs/sd21.py] [--config.key=value ...]
 
 SD 2.1-base's UNet, text encoder and VAE are built with random weights from
-their real configs (``swiftbrush_jax.sd21_arch``) by diffusers and
+their real configs (``swiftbrush_jax.models.presets``) by diffusers and
 transformers and saved as safetensors, as a downloaded teacher is. Then, each
 phase its own process as a user would run it, ``--config`` unchanged except for
 the teacher, a prompt file and a small latent (the weights, optimizer states and

@@ -22,7 +22,7 @@ import torch
 from harness import describe, format_table, hardware, limit_threads, time_steady, write_json
 from pipelines import pipeline_folder
 from swiftbrush_jax.generate import decode_to_pixels, one_step_x0
-from swiftbrush_jax.pipeline import load_pipeline
+from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy.shapes import all_prompts
 
 

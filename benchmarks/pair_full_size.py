@@ -27,7 +27,7 @@ from swiftbrush_jax import pair  # noqa: E402
 from swiftbrush_jax.generate import guided  # noqa: E402
 from swiftbrush_jax.lora import init_lora, lora_scale  # noqa: E402
 from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes  # noqa: E402
-from swiftbrush_jax.sd21_arch import UNET  # noqa: E402
+from swiftbrush_jax.models.presets import UNET
 
 
 def main():

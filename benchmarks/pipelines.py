@@ -28,8 +28,8 @@ def write_random_pipeline(folder: str, configs: dict, seed: int = 0) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from swiftbrush_jax import diffusers_io as dio
-    from swiftbrush_jax.tiny import CORPUS
+    from swiftbrush_jax.files import diffusers_writer as dio
+    from swiftbrush_jax.toy.tiny_teacher import CORPUS
 
     text = configs["text_encoder"]
     dio.write_clip_tokenizer(os.path.join(folder, "tokenizer"), CORPUS, max_length=text["max_position_embeddings"])
@@ -44,7 +44,7 @@ def write_random_pipeline(folder: str, configs: dict, seed: int = 0) -> None:
 def pipeline_folder(size: str, root: str) -> str:
     """The folder of a benchmark size; random ones are written under ``root`` on first use."""
     if size == "tiny":
-        from swiftbrush_jax.tiny import make_tiny_pipeline
+        from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
 
         return make_tiny_pipeline(os.path.join(root, "tiny"))
     if size == "shapes":
@@ -53,7 +53,7 @@ def pipeline_folder(size: str, root: str) -> str:
         return teacher_path()
     if size != "sd21":
         raise ValueError(f"unknown size {size!r}; choose from {SIZES}")
-    from swiftbrush_jax.sd21_arch import SD21_BASE
+    from swiftbrush_jax.models.presets import SD21_BASE
 
     folder = os.path.join(root, "sd21")
     if not os.path.exists(os.path.join(folder, "model_index.json")):

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-from swiftbrush_jax import sd21_arch
-from swiftbrush_jax.diffusers_io import write_json
+from swiftbrush_jax.models import presets as sd21_arch
+from swiftbrush_jax.files.diffusers_writer import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2.0**30

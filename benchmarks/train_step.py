@@ -22,8 +22,9 @@ import torch
 from harness import describe, format_table, hardware, limit_threads, time_steady, write_json
 from pipelines import SIZES, pipeline_folder, training_config
 from torch_vsd import TorchVSDStep
-from swiftbrush_jax import sharding, train
-from swiftbrush_jax.pipeline import load_pipeline
+from swiftbrush_jax.parallel import sharding
+from swiftbrush_jax import train
+from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy.shapes import all_prompts
 from swiftbrush_jax.vsd import VSDConfig
 

@@ -21,12 +21,12 @@ def user_error_types() -> tuple:
 
     Of the OS errors only those that name a wrong path are; any other I/O failure (a lost mount, a disk
     error) keeps its traceback, which is what its report needs."""
-    from .checkpoint import CheckpointError
-    from .data import PromptSourceError
+    from .files.checkpoint import CheckpointError
+    from .data.prompts import PromptSourceError
     from .models import UnsupportedConfigError
-    from .pipeline import PipelineError
-    from .sharding import ShardingError
-    from .weights import WeightsError
+    from .files.pipeline import PipelineError
+    from .parallel.sharding import ShardingError
+    from .files.weights import WeightsError
 
     return (CheckpointError, PromptSourceError, UnsupportedConfigError, PipelineError, ShardingError,
             WeightsError, UsageError, TrainingDiverged, FileNotFoundError, NotADirectoryError, IsADirectoryError)

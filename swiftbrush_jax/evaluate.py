@@ -9,7 +9,7 @@ score and HPSv2 (``swiftbrush_jax.paper_eval``, see its ``--help``).
 
 For every prompt of the shapes vocabulary (or the first --num-prompts) it
 draws latents from held-out noise seeds, generates, and scores with
-swiftbrush_jax.metrics: colour / shape / joint accuracy on the fully
+swiftbrush_jax.evaluators.shapes_scores: colour / shape / joint accuracy on the fully
 specified prompts, accuracy of the named attributes and coverage_distance on
 the under-specified ones, diversity across seeds, and the Frechet distance
 to as many true renders (a seed range the teacher never saw) of the same
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import jax
 import numpy as np
 
-from . import metrics
+from .evaluators import shapes_scores as metrics
 from .errors import ArgumentParser, exit_on_user_error
 from .generate import to_uint8
 from .toy import shapes

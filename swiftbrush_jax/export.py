@@ -9,7 +9,7 @@ teacher; the DDIM scheduler config makes ``num_inference_steps=1`` call the
 UNet once at the student's timestep and return its predicted x0 unchanged, so
 ``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` reproduces
 ``swiftbrush_jax.sample``. ``--workdir`` and ``--out`` may be local folders or
-URLs such as ``gs://bucket/dir`` (``swiftbrush_jax.storage``). Everything is
+URLs such as ``gs://bucket/dir`` (``swiftbrush_jax.files.storage``). Everything is
 written to a temporary local folder first (``storage.atomic_dir``): a local
 ``--out`` is that folder renamed, so a failed export leaves no partial
 ``--out``; on a bucket, which cannot rename, ``model_index.json`` is uploaded
@@ -23,13 +23,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import diffusers_io as dio
-from . import storage
+from .files import diffusers_writer as dio
+from .files import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .models import read_config
 from .models.unet import UNetConfig, unet_config_to_diffusers, unet_param_shapes
 from .schedule import NoiseSchedule
-from .student import TrainedStudent, load_trained_student
+from .files.student import TrainedStudent, load_trained_student
 
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
@@ -136,10 +136,10 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lo
 def export_lora(workdir: str, out: str, step: Optional[int] = None, ema: bool = True) -> str:
     """A LoRA student's adapters alone, for diffusers' ``load_lora_weights`` on the teacher, with the one-step
     scheduler beside them; returns the absolute ``out``."""
-    from .checkpoint import load_student
+    from .files.checkpoint import load_student
     from .lora import lora_scale, to_diffusers_lora
-    from .student import StudentRecord, resolve_teacher
-    from .weights import save_state_dict
+    from .files.student import StudentRecord, resolve_teacher
+    from .files.weights import save_state_dict
 
     out = prepare_out(out)
     adapters, meta, step = load_student(workdir, step, ema)

@@ -23,13 +23,13 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from . import storage
+from .files import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .export import one_step_scheduler_config, prepare_out, write_pipeline
 from .models.unet import UNetConfig, load_unet
 from .sample import is_workdir
 from .schedule import NoiseSchedule
-from .student import load_trained_student
+from .files.student import load_trained_student
 
 
 @dataclasses.dataclass

@@ -37,7 +37,8 @@ import numpy as np
 from absl import app, flags
 
 # The trainer's module defines ``--config`` (and its overrides); the plan reads the same flag.
-from . import sharding, train
+from .parallel import sharding
+from . import train
 from .errors import UsageError
 
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of simulated CPU devices.")
@@ -70,11 +71,11 @@ PROXY_NOTE = ("memory from XLA's CPU buffer assignment: a proxy for TPU/GPU memo
 
 def model_configs(config) -> tuple:
     """(component config dicts, where they came from): the tiny teacher, the teacher's folder, or SD 2.1-base."""
-    from . import sd21_arch
+    from .models import presets as sd21_arch
 
     if config.get("make_tiny_teacher"):
-        from . import tiny
-        from .diffusers_io import write_clip_tokenizer
+        from .toy import tiny_teacher as tiny
+        from .files.diffusers_writer import write_clip_tokenizer
 
         # tiny.make_tiny_pipeline's architecture without its weights (initialising them takes minutes on a
         # busy CPU); only the vocabulary size needs its tokenizer, which is built by rule in milliseconds.
@@ -82,19 +83,19 @@ def model_configs(config) -> tuple:
             vocab = write_clip_tokenizer(tmp, tiny.CORPUS)
         configs = {"unet": tiny.TINY_UNET, "text_encoder": dict(tiny.TINY_TEXT, vocab_size=vocab),
                    "vae": tiny.TINY_VAE, "scheduler": tiny.SD21_SCHEDULER}
-        return configs, "tiny random teacher (swiftbrush_jax.tiny)"
+        return configs, "tiny random teacher (swiftbrush_jax.toy.tiny_teacher)"
     if os.path.isdir(config.teacher):
         return sd21_arch.read_folder_configs(config.teacher), f"configs of {config.teacher}"
-    return sd21_arch.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.sd21_arch; {config.teacher} not on disk)"
+    return sd21_arch.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.models.presets; {config.teacher} not on disk)"
 
 
 def abstract_pipeline(configs: dict):
     """A StableDiffusion whose weights are ShapeDtypeStructs (float32, as loaded): the trainer's set-up
     functions run on it unchanged and place nothing."""
-    from .models.clip import CLIPTextConfig, CLIPTextModel
+    from .models.text_encoder import CLIPTextConfig, CLIPTextModel
     from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from .models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
-    from .pipeline import StableDiffusion
+    from .files.pipeline import StableDiffusion
     from .schedule import NoiseSchedule
 
     unet_config = UNetConfig.from_diffusers(configs["unet"])

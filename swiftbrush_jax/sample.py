@@ -27,10 +27,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import data, storage
+from .data import prompts as data
+from .files import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, ddim_images, one_step_images, to_uint8
-from .pipeline import StableDiffusion, load_pipeline
+from .files.pipeline import StableDiffusion, load_pipeline
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ def load_sampling_model(source: str, step: Optional[int] = None, ema: bool = Tru
     """A training workdir's student with its teacher's parts, or a diffusers pipeline's own UNet."""
     frozen_parts = ("vae", "text_encoder", "tokenizer", "scheduler")
     if is_workdir(source):
-        from .student import load_trained_student
+        from .files.student import load_trained_student
 
         student = load_trained_student(source, step, ema)
         pipe = load_pipeline(student.teacher_root, components=frozen_parts)

@@ -27,14 +27,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from . import checkpoint as ckpt
-from . import data, precision, sharding, storage
-from . import distributed
+from .files import checkpoint as ckpt
+from .data import prompts as data
+from . import precision
+from .parallel import sharding
+from .files import storage
+from .parallel import distributed
 from .errors import TrainingDiverged, UsageError, exit_on_user_error, parse_flags_or_exit
 from .generate import image_grid, one_step_images, to_uint8
 from .lora import init_lora, lora_scale
-from .pipeline import load_pipeline
-from .student import record_for_run
+from .files.pipeline import load_pipeline
+from .files.student import record_for_run
 from .vsd import VSD, Frozen, VSDConfig, make_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
@@ -99,9 +102,9 @@ def clip_loss_parts(config, pipe):
     folders' configs, or from ``sd21_arch``'s CLIP ViT-B/32 and TAESD where the folders are not on disk."""
     if not config.vsd.clip_weight:
         return None
-    from . import sd21_arch
+    from .models import presets as sd21_arch
     from .models import read_config
-    from .models.clip_model import clip_model_from_config, load_clip_model
+    from .models.clip import clip_model_from_config, load_clip_model
     from .models.taesd import load_taesd, taesd_from_config
 
     if sharding.is_abstract(pipe.unet_params):
@@ -400,7 +403,7 @@ def set_up(config, workdir: str) -> Run:
 
     teacher_source = config.teacher
     if config.get("make_tiny_teacher"):
-        from .tiny import make_tiny_pipeline
+        from .toy.tiny_teacher import make_tiny_pipeline
 
         teacher_source = storage.join(workdir, "tiny_teacher")
         # One writer, the others wait for it; made locally, published whole (model_index.json last).

@@ -20,7 +20,7 @@ from flax import struct
 from . import schedule as sched
 from .generate import guided, one_step_x0
 from .pair import guided_difference
-from .models.clip_model import clip_pixels, cosine
+from .models.clip import clip_pixels, cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ class VSD:
     # teacher's weights, applied by ``student_unet`` with the student's LoRA scale: no third copy of the UNet
     # (SwiftBrush v2's student B, docs/method.md §6).
     lora_student: bool = False
-    # With the CLIP loss: the CLIP model (models.clip_model.CLIPModel) and decode(params, x0) -> images in
+    # With the CLIP loss: the CLIP model (models.clip.CLIPModel) and decode(params, x0) -> images in
     # [-1, 1], a decoder of the latents the UNet sees (TAESD, or the teacher's VAE).
     clip_model: Optional[nn.Module] = None
     clip_decode: Optional[Callable] = None

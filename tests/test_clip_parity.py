@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from reference import TEXT_CONFIGS, make_text_encoder
 from swiftbrush_jax.models import UnsupportedConfigError
-from swiftbrush_jax.models.clip import CLIPTextConfig, load_text_encoder
-from swiftbrush_jax.weights import save_state_dict
+from swiftbrush_jax.models.text_encoder import CLIPTextConfig, load_text_encoder
+from swiftbrush_jax.files.weights import save_state_dict
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -118,7 +118,7 @@ def test_clip_image_and_text_features_parity(tmp_path, act, eos):
     from transformers import CLIPConfig, CLIPModel
 
     from reference import randomize
-    from swiftbrush_jax.models.clip_model import cosine, load_clip_model
+    from swiftbrush_jax.models.clip import cosine, load_clip_model
 
     text = dict(TEXT_CONFIGS["sd21"], hidden_act=act, eos_token_id=eos)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,

@@ -9,14 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from swiftbrush_jax.data import (
-    Prefetcher,
-    PromptSourceError,
-    PromptStats,
-    PromptStream,
-    load_prompts,
-    parse_tfds_source,
-)
+from swiftbrush_jax.data.prompts import Prefetcher, PromptSourceError, PromptStats, PromptStream, load_prompts, parse_tfds_source
 
 
 def write_bytes(path, data: bytes):

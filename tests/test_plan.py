@@ -61,8 +61,8 @@ def tiny_state_bytes():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from swiftbrush_jax import tiny
-    from swiftbrush_jax.diffusers_io import write_clip_tokenizer
+    from swiftbrush_jax.toy import tiny_teacher as tiny
+    from swiftbrush_jax.files.diffusers_writer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab = write_clip_tokenizer(tmp, tiny.CORPUS)
@@ -88,7 +88,7 @@ def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     the UNet (student, EMA and Adam's two moments of each), counted from the PyTorch UNet of the tiny config."""
     from diffusers import UNet2DConditionModel
 
-    from swiftbrush_jax import tiny
+    from swiftbrush_jax.toy import tiny_teacher as tiny
 
     def plan(name, *overrides):
         out = tmp_path / f"{name}.json"
@@ -117,7 +117,7 @@ def test_resident_counts_the_clip_loss_towers(tmp_path):
     from diffusers import AutoencoderTiny
     from transformers import CLIPConfig, CLIPModel
 
-    from swiftbrush_jax import sd21_arch
+    from swiftbrush_jax.models import presets as sd21_arch
 
     def plan(name, *overrides):
         out = tmp_path / f"{name}.json"

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from swiftbrush_jax import checkpoint as ckpt
-from swiftbrush_jax import plan, precision, sharding
+from swiftbrush_jax.files import checkpoint as ckpt
+from swiftbrush_jax import plan, precision
+from swiftbrush_jax.parallel import sharding
 from swiftbrush_jax.config_base import base_config, load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,9 @@ import tarfile
 
 import pytest
 
-from swiftbrush_jax.data import load_prompts
-from swiftbrush_jax.prompts_journeydb import JourneyDBStats, build_prompt_file, main
+from swiftbrush_jax.data.prompts import load_prompts
+from swiftbrush_jax.data.journeydb import JourneyDBStats, build_prompt_file
+from swiftbrush_jax.prompts_journeydb import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

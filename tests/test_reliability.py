@@ -466,7 +466,7 @@ def test_bad_input_is_one_error_line_before_compiling(scenarios, case):
 def test_a_write_failing_midway_keeps_the_previous_checkpoint_even_with_keep_1(tmp_path):
     """What ensure_space cannot foresee (another writer, a quota): the disk fills during orbax's write.
     With max_to_keep=1 the old checkpoint is due for deletion, but only once a newer one is committed."""
-    from swiftbrush_jax import checkpoint as ckpt
+    from swiftbrush_jax.files import checkpoint as ckpt
 
     state = {"w": jnp.arange(2**19, dtype=jnp.float32), "step": jnp.int32(1)}  # 2 MiB
     with tmpfs(tmp_path / "disk", "8m") as disk:
@@ -519,7 +519,7 @@ def pod_kill_when(workdir, condition: Callable[[str], bool]) -> dict:
 
 def pod_state(workdir, step: int):
     """A 2-process run's checkpoint, read here on one device (its 4-device layout does not exist here)."""
-    from swiftbrush_jax.checkpoint import read_on_one_device
+    from swiftbrush_jax.files.checkpoint import read_on_one_device
 
     return read_on_one_device(os.path.join(workdir, "checkpoints"), step)[0]
 

@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from swiftbrush_jax import plan, sharding, train
+from swiftbrush_jax import plan, train
+from swiftbrush_jax.parallel import sharding
 from swiftbrush_jax.config_base import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

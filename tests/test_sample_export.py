@@ -3,7 +3,7 @@
 The workdir is written with the trainer's own checkpoint functions (student
 and EMA = the teacher plus different noise, metadata as train.py records
 it), not by training: compiling the VSD step costs minutes on a small CPU.
-The teacher is the tiny SD-2.1-shaped pipeline of ``swiftbrush_jax.tiny``,
+The teacher is the tiny SD-2.1-shaped pipeline of ``swiftbrush_jax.toy.tiny_teacher``,
 built and saved by diffusers/transformers as real teachers are.
 """
 
@@ -18,16 +18,16 @@ from flax import traverse_util
 from PIL import Image
 
 import reference
-from swiftbrush_jax import checkpoint as ckpt
-from swiftbrush_jax import diffusers_io as dio
+from swiftbrush_jax.files import checkpoint as ckpt
+from swiftbrush_jax.files import diffusers_writer as dio
 from swiftbrush_jax import export, sample
-from swiftbrush_jax import tiny
+from swiftbrush_jax.toy import tiny_teacher as tiny
 from swiftbrush_jax.errors import UsageError, exit_on_user_error
 from swiftbrush_jax.generate import to_uint8
 from swiftbrush_jax.lora import SUPPORTED_TARGETS
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
-from swiftbrush_jax.student import StudentRecord, teacher_reference
+from swiftbrush_jax.files.student import StudentRecord, teacher_reference
 
 PROMPTS = ["a red circle", "a blue square"]
 TOLERANCE = 2 / 255
@@ -120,7 +120,7 @@ def test_exported_scheduler_returns_x0_in_one_step(exported):
 
 def test_teacher_reference_survives_moves(tmp_path):
     """A teacher inside the workdir or the package is recorded relative to it, a Hub id as itself."""
-    from swiftbrush_jax.student import resolve_teacher
+    from swiftbrush_jax.files.student import resolve_teacher
     from swiftbrush_jax.toy import teacher_path
 
     work = tmp_path / "work"
@@ -313,7 +313,7 @@ def test_merge_interpolates_students_into_a_diffusers_folder(workdir, exported, 
     """merge of a workdir's raw student (A) and an exported EMA student (B) at weight 0.25: the UNet is
     0.75 A + 0.25 B weight by weight, and diffusers' one-step images of the merged folder are ours."""
     from swiftbrush_jax import merge
-    from swiftbrush_jax.student import load_trained_student
+    from swiftbrush_jax.files.student import load_trained_student
 
     out = merge.merge(workdir, exported, 0.25, str(root / "merged"), ema=False)
     raw = load_trained_student(workdir, ema=False).params
@@ -365,7 +365,7 @@ def test_lora_student_is_folded_for_sampling_and_export(lora_workdir, root, late
     """sample and export merge a LoRA student's adapters into the teacher's weights; the merged UNet computes
     what the teacher with the adapters computes, and diffusers' images of the export equal ours."""
     from swiftbrush_jax.lora import fold
-    from swiftbrush_jax.student import load_trained_student
+    from swiftbrush_jax.files.student import load_trained_student
 
     work, teacher_params, adapters = lora_workdir
     unet, _ = load_unet(os.path.join(work, "tiny_teacher", "unet"))

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from swiftbrush_jax.models import UnsupportedConfigError
-from swiftbrush_jax.sd21_arch import SCHEDULER as SD21_CONFIG  # SD 2.1-base's scheduler_config.json
+from swiftbrush_jax.models.presets import SCHEDULER as SD21_CONFIG
 from swiftbrush_jax.schedule import (
     NoiseSchedule,
     add_noise,

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swiftbrush_jax import checkpoint as ckpt
+from swiftbrush_jax.files import checkpoint as ckpt
 from swiftbrush_jax import sample, toy
 from swiftbrush_jax.models.unet import load_unet
-from swiftbrush_jax.student import StudentRecord, teacher_reference
+from swiftbrush_jax.files.student import StudentRecord, teacher_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 2 / 255

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from swiftbrush_jax import metrics
+from swiftbrush_jax.evaluators import shapes_scores as metrics
 from swiftbrush_jax.toy import shapes
 
 N = 300

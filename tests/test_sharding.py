@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from swiftbrush_jax import sharding
+from swiftbrush_jax.parallel import sharding
 from swiftbrush_jax.config_base import load_config_file
-from swiftbrush_jax.pipeline import load_pipeline
-from swiftbrush_jax.tiny import make_tiny_pipeline
+from swiftbrush_jax.files.pipeline import load_pipeline
+from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
 from swiftbrush_jax.train import build_vsd, frozen_inputs, initial_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

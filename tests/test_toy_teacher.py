@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from swiftbrush_jax import evaluate as ev
-from swiftbrush_jax.pipeline import load_pipeline
+from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy import teacher_arch, teacher_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_shipped_clip_matches_transformers_and_tells_the_prompts_apart():
     import torch
     from transformers import CLIPModel as TorchCLIPModel
 
-    from swiftbrush_jax.models.clip_model import load_clip_model
+    from swiftbrush_jax.models.clip import load_clip_model
     from swiftbrush_jax.toy import make_teacher
 
     folder = os.path.join(teacher_path(), make_teacher.CLIP_FOLDER)
@@ -127,8 +127,8 @@ def test_short_distillation_trains_the_student(tmp_path, teacher, student):
     from flax import traverse_util
 
     from swiftbrush_jax import sample
-    from swiftbrush_jax.checkpoint import read_on_one_device
-    from swiftbrush_jax.student import load_trained_student
+    from swiftbrush_jax.files.checkpoint import read_on_one_device
+    from swiftbrush_jax.files.student import load_trained_student
 
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", os.path.join(REPO, "configs", f"shapes.py:{student}"),

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from swiftbrush_jax.checkpoint import read_on_one_device
+from swiftbrush_jax.files.checkpoint import read_on_one_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "configs/tiny.py", "--config.sample_every=0", "--config.log_every=2"]

@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from reference import UNET_CONFIGS, make_unet
-from swiftbrush_jax import weights
+from swiftbrush_jax.files import weights
 from swiftbrush_jax.models import UnsupportedConfigError
 from swiftbrush_jax.models.layers import AttentionOptions, attention
 from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers

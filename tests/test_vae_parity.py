@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from reference import make_vae
 from swiftbrush_jax.models import UnsupportedConfigError
 from swiftbrush_jax.models.vae import VAEConfig, load_vae
-from swiftbrush_jax.weights import save_state_dict
+from swiftbrush_jax.files.weights import save_state_dict
 
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 

@@ -15,9 +15,9 @@ import vsd_reference as ref
 from swiftbrush_jax.lora import SUPPORTED_TARGETS, init_lora
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
-from swiftbrush_jax.tiny import SD21_SCHEDULER
+from swiftbrush_jax.toy.tiny_teacher import SD21_SCHEDULER
 from swiftbrush_jax.vsd import VSD, Frozen, Noise, VSDConfig, make_optimizer
-from swiftbrush_jax.weights import params_to_state_dict
+from swiftbrush_jax.files.weights import params_to_state_dict
 
 RANK, ALPHA, B, HW = 4, 8.0, 2, 8
 
@@ -150,7 +150,7 @@ def test_full_update_matches_reference(setup, results):
     state = state.replace(step=jnp.asarray(3, jnp.int32), ema=jax.tree_util.tree_map(lambda x: x * 0.5, state.ema))
     student_grads = {k: v for k, v in expected["student_grads"].items()}
     lora_grads = flat_to_lora(expected["lora_grads"], s["lora"])
-    from swiftbrush_jax.weights import state_dict_to_params
+    from swiftbrush_jax.files.weights import state_dict_to_params
 
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s["student"])
     g_student = state_dict_to_params(student_grads, shapes, "grads")
@@ -441,7 +441,7 @@ def test_clip_loss_matches_reference(setup, results, tmp_path):
     from diffusers import AutoencoderTiny
     from transformers import CLIPConfig, CLIPModel
 
-    from swiftbrush_jax.models.clip_model import load_clip_model
+    from swiftbrush_jax.models.clip import load_clip_model
     from swiftbrush_jax.models.taesd import load_taesd
 
     s = setup

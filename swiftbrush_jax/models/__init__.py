@@ -2,13 +2,13 @@
 
 All image tensors are NHWC inside these modules; param names mirror the
 diffusers module paths (the Flax module named ``down_blocks.0`` is diffusers' ``down_blocks.0``)
-so that ``swiftbrush_jax.weights`` converts by rule, not by table.
+so that ``swiftbrush_jax.files.weights`` converts by rule, not by table.
 """
 
 import json
 import os
 
-from ..weights import WeightsError
+from ..files.weights import WeightsError
 
 
 class UnsupportedConfigError(ValueError):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..sharding import shard_batch
+from ..parallel.sharding import shard_batch
 
 Dtype = jnp.dtype
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..weights import read_state_dict, state_dict_to_params
+from ..files.weights import read_state_dict, state_dict_to_params
 from . import UnsupportedConfigError, read_config
 
 

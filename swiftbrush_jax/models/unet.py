@@ -2,7 +2,7 @@
 
 Every submodule is named after its diffusers module path segment
 (``down_blocks.1`` > ``attentions.0`` > ``transformer_blocks.0`` > ``attn2`` > ``to_q``),
-so ``swiftbrush_jax.weights`` maps ``diffusion_pytorch_model.safetensors`` by rule.
+so ``swiftbrush_jax.files.weights`` maps ``diffusion_pytorch_model.safetensors`` by rule.
 """
 
 import dataclasses
@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .. import weights
-from ..sharding import shard_batch
+from ..files import weights
+from ..parallel.sharding import shard_batch
 from . import UnsupportedConfigError, read_config
 from .layers import Attention, AttentionOptions, Downsample2D, LoRADense, ResnetBlock2D, Upsample2D, conv, group_norm
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import read_state_dict, state_dict_to_params
+from ..files.weights import read_state_dict, state_dict_to_params
 from . import UnsupportedConfigError, read_config
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 

@@ -7,6 +7,6 @@ rows), ``cli`` (the command line, also ``python -m swiftbrush_jax.evaluate
 --suite coco2014|hps``).
 """
 
-from .cli import main
+from ..evaluators.paper_suites import main
 
 __all__ = ["main"]

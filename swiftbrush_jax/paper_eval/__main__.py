@@ -3,7 +3,7 @@
 import sys
 
 from ..errors import exit_on_user_error
-from .cli import main
+from ..evaluators.paper_suites import main
 
 if __name__ == "__main__":
     exit_on_user_error(main)(sys.argv[1:])

@@ -23,14 +23,14 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from .. import diffusers_io as dio
-from ..models.clip import CLIPTextConfig, CLIPTextModel
-from ..models.clip_model import CLIPModel, CLIPVisionConfig, clip_pixels, cosine
+from ..files import diffusers_writer as dio
+from ..models.text_encoder import CLIPTextConfig, CLIPTextModel
+from ..models.clip import CLIPModel, CLIPVisionConfig, clip_pixels, cosine
 from ..models.unet import UNet2DConditionModel, UNetConfig, unet_config_to_diffusers
 from ..models.vae import AutoencoderKL, VAEConfig, load_vae
-from ..pipeline import load_tokenizer
+from ..files.pipeline import load_tokenizer
 from ..schedule import NoiseSchedule
-from ..weights import params_to_state_dict, save_state_dict
+from ..files.weights import params_to_state_dict, save_state_dict
 from . import shapes
 from . import teacher_arch as arch
 from .teacher_training import (StageConfig, caption_rows, encode_dataset, finetune_decoder, init_params,

@@ -1,7 +1,7 @@
 """Procedural "shapes" dataset: one filled, anti-aliased shape on a varied grey background.
 
 Every image answers its caption ("a red circle") exactly, and colour and
-shape are chosen so that an analytic analyzer (swiftbrush_jax.metrics) can
+shape are chosen so that an analytic analyzer (swiftbrush_jax.evaluators.shapes_scores) can
 read them back even from blurred, noisy generations: six saturated colours
 60 degrees of hue apart on backgrounds that stay dark-to-mid grey, and three
 shapes whose areas and outlines differ clearly at equal bounding box.

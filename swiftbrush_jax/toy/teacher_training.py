@@ -218,7 +218,7 @@ def train_clip(model, params: Dict, token_ids: np.ndarray, stage: StageConfig, i
     temperature) on fresh renders captioned as stage 2 captions them (CAPTION_VARIANTS, no empty prompt).
     A caption that leaves an attribute open is a positive for every image it describes (clip_targets).
     params: {"model": CLIPModel params, "logit_scale": scalar}; returns them trained."""
-    from ..models.clip_model import clip_pixels, cosine
+    from ..models.clip import clip_pixels, cosine
 
     tx = adam(stage)
     ids = jnp.asarray(token_ids)

@@ -125,10 +125,10 @@ def load_pipeline(
     unet_remat: str = "none",
 ) -> StableDiffusion:
     """Load the named components of a diffusers SD pipeline from a folder or Hub id."""
-    from .models.clip import load_text_encoder
-    from .models.unet import load_unet
-    from .models.vae import load_vae
-    from .schedule import NoiseSchedule
+    from ..models.text_encoder import load_text_encoder
+    from ..models.unet import load_unet
+    from ..models.vae import load_vae
+    from ..schedule import NoiseSchedule
 
     root = resolve(source)
     unknown = set(components) - set(COMPONENTS)

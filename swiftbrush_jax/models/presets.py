@@ -10,7 +10,7 @@ them, the two frozen towers of SwiftBrush v2's CLIP loss that
 
 import os
 
-from .pipeline import read_json
+from ..files.pipeline import read_json
 
 UNET = {
     "_class_name": "UNet2DConditionModel",

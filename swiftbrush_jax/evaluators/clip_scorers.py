@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..errors import UsageError
-from ..models.clip_model import CLIP_MEAN, CLIP_STD
+from ..models.clip import CLIP_MEAN, CLIP_STD
 
 # OpenCLIP's model configs (open_clip/model_configs/ViT-g-14.json, ViT-H-14.json), in transformers' terms.
 VIT_G_14 = {"projection_dim": 1024,
@@ -189,7 +189,7 @@ def load_clip(arch: Dict, weights: str, tokenizer_folder: str, what: str) -> Cli
     import torch
     from transformers import CLIPModel
 
-    from ..pipeline import PipelineError, load_tokenizer
+    from ..files.pipeline import PipelineError, load_tokenizer
 
     state = read_safetensors(weights, what)
     if not tokenizer_folder:

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from . import distributed, precision, storage
+from ..parallel import distributed
+from .. import precision
+from . import storage
 
 # Config keys a resumed run may change: they steer the loop, logging, memory use and the learning-rate
 # schedule, not what the state holds or how it was made. The prompt source may be renamed or moved: the

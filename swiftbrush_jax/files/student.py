@@ -19,9 +19,9 @@ from flax import traverse_util
 
 from . import storage
 from .checkpoint import CheckpointError, load_student
-from .lora import fold, lora_scale
-from .models import read_config
-from .models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_param_shapes
+from ..lora import fold, lora_scale
+from ..models import read_config
+from ..models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_param_shapes
 from .pipeline import PipelineError, resolve
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -138,7 +138,7 @@ def load_trained_student(workdir: str, step: Optional[int] = None, ema: bool = T
     where = f"{workdir} step {step}"
     record = StudentRecord.from_meta(meta, where)
     teacher_root = resolve_teacher(record.teacher, workdir)
-    from .schedule import NoiseSchedule
+    from ..schedule import NoiseSchedule
 
     teacher_prediction = NoiseSchedule.from_folder(teacher_root).prediction_type
     if teacher_prediction != record.prediction_type:

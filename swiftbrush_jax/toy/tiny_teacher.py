@@ -10,10 +10,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 
-from . import diffusers_io as dio
-from .models.clip import CLIPTextConfig, CLIPTextModel
-from .models.unet import UNet2DConditionModel, UNetConfig, unet_config_to_diffusers
-from .models.vae import AutoencoderKL, VAEConfig
+from ..files import diffusers_writer as dio
+from ..models.text_encoder import CLIPTextConfig, CLIPTextModel
+from ..models.unet import UNet2DConditionModel, UNetConfig, unet_config_to_diffusers
+from ..models.vae import AutoencoderKL, VAEConfig
 
 # The SD 2.1 scheduler (DDPM, scaled_linear 0.00085..0.012, 1000 steps, epsilon).
 SD21_SCHEDULER = {

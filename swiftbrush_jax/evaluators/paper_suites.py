@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..errors import ArgumentParser, UsageError
 from ..sample import add_sampling_flags
-from . import clip_models, fid, generation, prompts, table
+from . import clip_scorers as clip_models, fid, generation, prompt_sets as prompts, records as table
 
 DEFAULT_COCO_IMAGES = 30_000
 GENERATOR_FILE = "generator.json"  # which model, steps and guidance made the images
@@ -161,7 +161,7 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict]:
     """Generate what is missing, then score and write the record (None when this process only generates)."""
     import jax
 
-    from ..distributed import _cluster_detected
+    from ..parallel.distributed import _cluster_detected
 
     if _cluster_detected():  # a TPU pod, SLURM or MPI job: every process learns its index (and so its share)
         if args.score_only:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import storage
+from ..files import storage
 
 SUPPORTED_SOURCES = ".txt, .jsonl, .json (JSON lines), .csv, .parquet or tfds:<name>[/<config>]:<split>:<feature path>"
 TFDS_PREFIX = "tfds:"
