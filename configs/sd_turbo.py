@@ -1,4 +1,9 @@
-"""SwiftBrush v2's starting point: student and teachers from SD-Turbo (SD 2.1 architecture)."""
+"""SwiftBrush v2's starting point: student and teachers from SD-Turbo (SD 2.1 architecture).
+
+    python -m swiftbrush_jax.train --config configs/sd_turbo.py --workdir runs/sd_turbo
+
+Configs and options: docs/training.md.
+"""
 
 from swiftbrush_jax.config_base import base_config
 

@@ -1,4 +1,7 @@
-"""A smoke run on a CPU: a tiny random SD-shaped teacher made on the fly, a few steps."""
+"""A smoke run on a CPU: a tiny random SD-shaped teacher made on the fly, a few steps.
+
+    python -m swiftbrush_jax.train --config configs/tiny.py --workdir runs/tiny
+"""
 
 from swiftbrush_jax.config_base import base_config
 

@@ -47,8 +47,20 @@ def test_v2_configs_are_the_papers_two_students():
     assert a.student_init == "stabilityai/sd-turbo" and a.student_lora.rank == 0 and a.vsd.clip_weight == 0
     assert (b.student_lora.rank, b.student_lora.alpha, b.student_init) == (256, 512.0, "")
     assert (b.vsd.clip_weight, b.vsd.clip_tau, b.vsd.clip_anneal_steps) == (0.1, 0.35, b.total_steps)
-    with pytest.raises(ValueError, match="pick student a"):
+    with pytest.raises(KeyError, match="sd21_v2.py:c is not a variant; the variants: a, b"):
         load_config_file(path, "c")
     out = run("swiftbrush_jax.train", "--config", "configs/sd21_v2.py:c", "--workdir", "unused")
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith("pick student a (full, VSD) or b "
-                                                                               "(LoRA, VSD + CLIP loss)"), out.stderr
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == ("error: configs/sd21_v2.py:c is not a "
+                                                                           "variant; the variants: a, b"), out.stderr
+
+
+def test_an_unknown_shapes_variant_is_one_error_line_naming_the_variants(tmp_path):
+    from swiftbrush_jax.config_base import load_config_file
+
+    with pytest.raises(KeyError, match="shapes.py:nope is not a variant; the variants: v1, v2_b"):
+        load_config_file(os.path.join(ROOT, "configs", "shapes.py"), "nope")
+    out = run("swiftbrush_jax.train", "--config", "configs/shapes.py:nope", "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: configs/shapes.py:nope is not a variant; the variants: v1, v2_b"], out.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
