@@ -11,7 +11,7 @@ the teacher, a prompt file and a small latent (the weights, optimizer states and
 program are full size; the activations are not). The default config is
 SwiftBrush v2's LoRA student (``configs/sd21_v2.py:b``, CLIP loss off): the
 paper's whole float32 student (``configs/sd21.py``) does not fit 24 GiB on the
-CPU backend (README, "A full-size rehearsal"); a larger machine can pass it.
+CPU backend (docs/performance.md, "A full-size rehearsal"); a larger machine can pass it.
 
 1. For each of ``--devices`` (default 1): ``train`` 2 steps (per-device batch 1; on N > 1 simulated
    CPU devices with FSDP N), checkpoint; ``train`` again to step 3: it resumes.
@@ -43,7 +43,7 @@ from benchmarks.pipelines import REPO  # noqa: E402
 
 GIB = 2.0**30
 # What fits 24 GiB: SwiftBrush v2's LoRA student (rank 256) on the SD 2.1 teacher, VSD only. The paper's whole
-# float32 student (configs/sd21.py) needs about 28 GiB at any latent size on the CPU backend (README).
+# float32 student (configs/sd21.py) needs about 28 GiB at any latent size on the CPU backend (docs/performance.md).
 DEFAULT_CONFIG, DEFAULT_OVERRIDES = "configs/sd21_v2.py:b", ("--config.vsd.clip_weight=0",)
 PROMPTS = ("a photo of a cat", "a painting of a lighthouse at dusk", "an astronaut riding a horse",
            "a bowl of fruit on a table")
@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config (file[:arg])")
     parser.add_argument("--devices", type=int, nargs="+", default=[1],
                         help="one training run per count: 1 device, or N simulated CPU devices with FSDP N "
-                             "(on 24 GiB even 2 did not fit: README)")
+                             "(on 24 GiB even 2 did not fit: docs/performance.md)")
     parser.add_argument("--latent-size", type=int, default=8, help="latent side (pixels / 8)")
     parser.add_argument("--memory-limit-gib", type=float, default=22.0, help="kill a phase past this resident size")
     parser.add_argument("--json", help="also write the report here")

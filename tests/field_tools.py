@@ -4,7 +4,7 @@ Both packages import torchvision at module level, and PyPI's torchvision
 wheels are CUDA builds: with the suite's CPU torch their C++ ops do not load,
 torchvision 0.28's import fails, and once installed it also breaks
 transformers' and diffusers' imports. So the suite installs the two packages
-without their dependencies (README, "Tests") and, where torchvision is absent,
+without their dependencies (docs/design.md, "Tests") and, where torchvision is absent,
 imports them with a placeholder ``torchvision`` that exists only during the
 import. The functions the tests compare against (clean-fid's
 ``frechet_distance`` and "clean" resizer, OpenCLIP's ``CLIP`` model) never

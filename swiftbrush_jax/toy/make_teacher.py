@@ -12,7 +12,7 @@ retrained, so an interrupted run resumes at the stage it was in. The result
 is a deterministic function of the seeds below (on one platform).
 With --snapshot-every N, the UNet stage writes its EMA so far every N steps
 to <out>/snapshot/, a complete diffusers folder that evaluate can score while
-training goes on. Cost of the shipped teacher: README.md, "The shapes teacher".
+training goes on. Cost of the shipped teacher: docs/shapes.md.
 """
 
 import argparse
