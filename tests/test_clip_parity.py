@@ -144,3 +144,86 @@ def test_clip_image_and_text_features_parity(tmp_path, act, eos):
         assert rel_error(ours, theirs)[1] <= 1e-5, rel_error(ours, theirs)
     expected = (image_ref * text_ref).sum(-1) / np.linalg.norm(image_ref, axis=-1) / np.linalg.norm(text_ref, axis=-1)
     np.testing.assert_allclose(np.asarray(cosine(image, text_features)), expected, atol=1e-5)
+
+
+# SDXL's two text encoders in small: CLIP ViT-L's traits (quick_gelu, a CLIPTextModel) for text_encoder and
+# OpenCLIP bigG's (gelu, a CLIPTextModelWithProjection) for text_encoder_2, with SDXL's legacy eos_token_id 2
+# (pooled at the largest id) and, for the projection, the current first-eos pooling too.
+SDXL_TEXT_CONFIGS = {
+    "text_encoder": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=1000, projection_dim=24,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "text_encoder_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           hidden_act="gelu", max_position_embeddings=77, vocab_size=1000, projection_dim=16,
+                           bos_token_id=0, eos_token_id=2, pad_token_id=1),
+}
+
+
+def sdxl_token_ids(eos: int) -> torch.Tensor:
+    """Two prompts as a tokenizer pads them: begin, words, end-of-text, then padding; the legacy pooling
+    (eos 2) takes the largest id, so end-of-text is the largest id there (999), as 49407 is in CLIP's vocab."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 900, (2, 77), generator=g)
+    ids[:, 0] = 0
+    end = eos if eos != 2 else 999
+    ids[0, 6], ids[0, 7:] = end, 1
+    ids[1, 12], ids[1, 13:] = end, end  # padded with end-of-text: the first one is the pooled one
+    return ids
+
+
+def save_sdxl_text_encoder(name: str, tmp_path, **overrides):
+    from transformers import CLIPTextConfig as TorchCLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from reference import randomize
+
+    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    torch_model = randomize(cls(TorchCLIPTextConfig(**dict(SDXL_TEXT_CONFIGS[name], **overrides))), 4)
+    folder = str(tmp_path / name)
+    torch_model.save_pretrained(folder, safe_serialization=True)
+    return torch_model, folder
+
+
+@pytest.mark.parametrize("name, eos", [("text_encoder", 2), ("text_encoder_2", 2), ("text_encoder_2", 1)])
+def test_sdxl_text_encoder_penultimate_and_text_embeds_parity(tmp_path, name, eos):
+    """SDXL's prompt encoding (diffusers' encode_prompt with clip_skip=None): each encoder's hidden_states[-2]
+    (before the final layer norm) and text_encoder_2's projected pooled text_embeds, against transformers'."""
+    torch_model, folder = save_sdxl_text_encoder(name, tmp_path, eos_token_id=eos)
+    ids = sdxl_token_ids(eos)
+    with torch.no_grad():
+        out = torch_model(input_ids=ids, output_hidden_states=True)
+    model, params = load_text_encoder(folder, penultimate=True)
+    ours = encode(model, params, ids.numpy().astype(np.int32))
+    hidden = ours[0] if name == "text_encoder_2" else ours
+    assert hidden.shape == (2, 77, SDXL_TEXT_CONFIGS[name]["hidden_size"]) and hidden.dtype == jnp.float32
+    err, rel = rel_error(hidden, out.hidden_states[-2].numpy())
+    assert rel <= 1e-4, (name, "penultimate", err, rel)
+    # Not the last hidden state, with or without the final layer norm.
+    for other in (out.hidden_states[-1].numpy(), out.last_hidden_state.numpy()):
+        assert rel_error(hidden, other)[1] > 1e-2
+    if name == "text_encoder_2":
+        text_embeds = ours[1]
+        assert text_embeds.shape == (2, SDXL_TEXT_CONFIGS[name]["projection_dim"])
+        err, rel = rel_error(text_embeds, out.text_embeds.numpy())
+        assert rel <= 1e-4, (name, "text_embeds", err, rel)
+        # the default (penultimate=False) is last_hidden_state, as for SD 2.x
+        last_model, _ = load_text_encoder(folder)
+        err, rel = rel_error(encode(last_model, params, ids.numpy().astype(np.int32))[0], out.last_hidden_state.numpy())
+        assert rel <= 1e-4, (name, "last", err, rel)
+
+
+def test_sdxl_architectures_are_read_and_others_refused(tmp_path):
+    from swiftbrush_jax.models.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+
+    _, folder = save_sdxl_text_encoder("text_encoder_2", tmp_path)
+    model, params = load_text_encoder(folder)
+    assert isinstance(model, CLIPTextModelWithProjection) and "text_projection" in params
+    exported = CLIPTextConfig.from_transformers(json.load(open(os.path.join(folder, "config.json"))))
+    assert exported.to_transformers("CLIPTextModelWithProjection")["architectures"] == ["CLIPTextModelWithProjection"]
+    _, plain = save_sdxl_text_encoder("text_encoder", tmp_path)
+    assert isinstance(load_text_encoder(plain)[0], CLIPTextModel)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(config, architectures=["T5EncoderModel"]), f)
+    with pytest.raises(UnsupportedConfigError, match="architectures=\\['T5EncoderModel'\\]"):
+        load_text_encoder(folder)

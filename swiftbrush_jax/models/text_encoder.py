@@ -1,7 +1,13 @@
-"""The CLIP text encoder of Stable Diffusion in Flax, loaded from a transformers ``text_encoder`` folder.
+"""The CLIP text encoders of Stable Diffusion in Flax, loaded from a transformers ``text_encoder`` folder.
 
-Only ``last_hidden_state`` is computed: SD pipelines feed it to the UNet's
-cross-attention and never use the pooled output or the projection.
+SD 1.x/2.x feed ``last_hidden_state`` of a ``CLIPTextModel`` to the UNet's
+cross-attention. SDXL uses two encoders and the PENULTIMATE hidden state of
+each (transformers' ``hidden_states[-2]``: the output of the second-to-last
+layer, before the final layer norm), concatenated on the last axis; its second
+encoder is a ``CLIPTextModelWithProjection`` whose ``text_embeds`` (the final
+layer-normed state at the end-of-text token, through the bias-free
+``text_projection``) is the UNet's pooled conditioning. ``load_text_encoder``
+builds whichever class the folder's ``config.json`` names in ``architectures``.
 """
 
 import dataclasses
@@ -22,6 +28,8 @@ ACTIVATIONS = {
 
 # The single child of CLIPTextModel, as in transformers < 5 and every SD checkpoint on the Hub.
 TEXT_MODEL = "text_model"
+WITH_PROJECTION = "CLIPTextModelWithProjection"
+ARCHITECTURES = ("CLIPTextModel", WITH_PROJECTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +54,8 @@ class CLIPTextConfig:
     def from_transformers(cls, d: dict) -> "CLIPTextConfig":
         return config_from_transformers(cls, d, "text_encoder config.json")
 
-    def to_transformers(self) -> dict:
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
+    def to_transformers(self, architecture: str = "CLIPTextModel") -> dict:
+        return {"architectures": [architecture], "model_type": "clip_text_model", **dataclasses.asdict(self)}
 
 
 def config_from_transformers(cls, d: dict, what: str):
@@ -115,35 +123,59 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of ``layers.N``; SD 2.x checkpoints ship 23 of OpenCLIP's 24 (the penultimate output)."""
+    """The stack of ``layers.N``; SD 2.x checkpoints ship 23 of OpenCLIP's 24 (the penultimate output).
+
+    With ``with_penultimate`` it returns (last output, the input of the last layer): transformers'
+    ``hidden_states[-1]`` and ``hidden_states[-2]``.
+    """
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, with_penultimate: bool = False):
+        penultimate = x
         for i in range(self.config.num_hidden_layers):
+            penultimate = x
             x = CLIPEncoderLayer(self.config, self.dtype, self.causal, name=f"layers.{i}")(x)
-        return x
+        return (x, penultimate) if with_penultimate else x
 
 
 class CLIPTextTransformer(nn.Module):
-    """Embeddings, encoder, final layer norm: transformers' ``text_model``."""
+    """Embeddings, encoder, final layer norm: transformers' ``text_model``.
+
+    Returns ``last_hidden_state``, or with ``with_penultimate`` (``last_hidden_state``,
+    ``hidden_states[-2]``), the latter without the final layer norm, as transformers gives it.
+    """
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, with_penultimate: bool = False):
         cfg = self.config
         x = CLIPEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-        x = CLIPEncoder(cfg, self.dtype, name="encoder")(x)
-        return layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+        x, penultimate = CLIPEncoder(cfg, self.dtype, name="encoder")(x, with_penultimate=True)
+        last = layer_norm(cfg.layer_norm_eps, self.dtype, "final_layer_norm")(x)
+        return (last, penultimate) if with_penultimate else last
+
+
+def pool_at_eos(hidden, input_ids, eos_token_id: int):
+    """transformers' ``pooler_output``: each row's state at its first end-of-text token; configs with the
+    legacy ``eos_token_id`` 2 (SDXL's, OpenAI's CLIP) pool at the largest token id instead."""
+    position = jnp.argmax(input_ids, -1) if eos_token_id == 2 else jnp.argmax(input_ids == eos_token_id, -1)
+    return hidden[jnp.arange(hidden.shape[0]), position]
+
+
+def _check_length(config: CLIPTextConfig, input_ids):
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"{input_ids.shape[1]} tokens exceed max_position_embeddings={config.max_position_embeddings}")
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids (B, L) int32 -> last_hidden_state (B, L, hidden_size) float32.
+    """input_ids (B, L) int32 -> last_hidden_state (B, L, hidden_size) float32, or with ``penultimate``
+    transformers' ``hidden_states[-2]`` (SDXL's context; no final layer norm).
 
     The single ``text_model`` child mirrors the module tree of SD checkpoints on
     the Hub, so param paths joined by dots are their state-dict keys.
@@ -151,14 +183,36 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    penultimate: bool = False
 
     @nn.compact
     def __call__(self, input_ids):
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{input_ids.shape[1]} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        return CLIPTextTransformer(self.config, self.dtype, name=TEXT_MODEL)(input_ids).astype(jnp.float32)
+        _check_length(self.config, input_ids)
+        last, penultimate = CLIPTextTransformer(self.config, self.dtype, name=TEXT_MODEL)(input_ids, True)
+        return (penultimate if self.penultimate else last).astype(jnp.float32)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers' ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``): input_ids (B, L) int32 ->
+    (hidden states (B, L, hidden_size), ``text_embeds`` (B, projection_dim)), both float32.
+
+    The hidden states are ``last_hidden_state``, or with ``penultimate`` ``hidden_states[-2]``;
+    ``text_embeds`` is always the final layer-normed state pooled at end-of-text, projected.
+    """
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+    penultimate: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids):
+        cfg = self.config
+        _check_length(cfg, input_ids)
+        last, penultimate = CLIPTextTransformer(cfg, self.dtype, name=TEXT_MODEL)(input_ids, True)
+        pooled = pool_at_eos(last, input_ids, cfg.eos_token_id)
+        text_embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        hidden = penultimate if self.penultimate else last
+        return hidden.astype(jnp.float32), text_embeds.astype(jnp.float32)
 
 
 def with_text_model_prefix(state: dict) -> dict:
@@ -170,12 +224,24 @@ def with_text_model_prefix(state: dict) -> dict:
     return {k if k.startswith(f"{TEXT_MODEL}.") else f"{TEXT_MODEL}.{k}": v for k, v in state.items()}
 
 
-def load_text_encoder(folder: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """(model, params) from a transformers ``text_encoder`` folder (config.json + safetensors)."""
-    config = CLIPTextConfig.from_transformers(read_config(folder))
-    model = CLIPTextModel(config, dtype=dtype)
+def load_text_encoder(folder: str, dtype=jnp.float32, param_dtype=jnp.float32, penultimate: bool = False):
+    """(model, params) from a transformers ``text_encoder`` folder (config.json + safetensors).
+
+    The model is a ``CLIPTextModel`` or, when ``architectures`` says so (SDXL's ``text_encoder_2``),
+    a ``CLIPTextModelWithProjection``; ``penultimate`` makes it return ``hidden_states[-2]``.
+    """
+    raw = read_config(folder)
+    architectures = raw.get("architectures") or ["CLIPTextModel"]
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        raise UnsupportedConfigError(f"{folder}/config.json: architectures={architectures!r} is not supported "
+                                     f"(only {' or '.join(ARCHITECTURES)})")
+    config = CLIPTextConfig.from_transformers(raw)
+    with_projection = architectures[0] == WITH_PROJECTION
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config, dtype, penultimate)
     ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-    state = with_text_model_prefix(read_state_dict(folder))
+    state = read_state_dict(folder)
+    # transformers saves CLIPTextModelWithProjection with its text_model. prefix in every version.
+    state = state if with_projection else with_text_model_prefix(state)
     params = state_dict_to_params(state, shapes, "text_encoder", param_dtype)
     return model, params
