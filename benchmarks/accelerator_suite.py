@@ -55,12 +55,12 @@ def peak_memory_bytes(device) -> int | None:
 def step_for(pipe, config, batch: int):
     """The trainer's step as ``plan`` lowers it, on real (random) weights: a blocking no-argument callable."""
     from swiftbrush_jax.parallel import sharding
-    from swiftbrush_jax import train
+    from swiftbrush_jax import setup
 
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    vsd = train.build_vsd(config, pipe)
-    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh)
-    state, state_sh = train.initial_state(config, vsd, pipe.unet_params, mesh)
+    vsd = setup.build_vsd(config, pipe)
+    frozen, frozen_sh = setup.frozen_inputs(config, pipe, mesh)
+    state, state_sh = setup.initial_state(config, vsd, pipe.unet_params, mesh)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
     prompts = ["a photo of a cat", "a painting of a lighthouse at dusk"]
     ids = jax.device_put(pipe.tokenize([prompts[i % 2] for i in range(batch)]), sharding.batch_sharding(mesh))

@@ -10,7 +10,7 @@ Why: the VSD gradient is w(t) (e_teacher - e_lora) (SPEC §2, step 3). Early in 
 run the LoRA teacher is the teacher plus a near-zero adapter, so the two guided
 scores are nearly equal and their difference, times the CFG scale 4.5, is small
 next to each of them. In bfloat16 (8 significant bits) that difference can be
-mostly rounding. This program measures it: the same step (``VSD.batch_means``)
+mostly rounding. This program measures it: the same step (``VSD.losses_and_grads``)
 and the same noise, once in float32 and once per precision setting, with the
 LoRA up-matrices perturbed by ``p`` (normal * p) as after the first updates. It
 reports cosine similarity and relative error ||a - b|| / ||b|| against float32
@@ -65,10 +65,10 @@ from harness import hardware, write_json  # noqa: E402
 from pipelines import training_config  # noqa: E402
 
 from swiftbrush_jax import schedule as sched  # noqa: E402
-from swiftbrush_jax import train  # noqa: E402
+from swiftbrush_jax import setup  # noqa: E402
 from swiftbrush_jax.lora import init_lora, lora_scale  # noqa: E402
 from swiftbrush_jax.models.layers import LoRADense  # noqa: E402
-from swiftbrush_jax.vsd import VSD  # noqa: E402
+from swiftbrush_jax.vsd import VSD, Batch, Frozen, Trainable  # noqa: E402
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 PERTURBATIONS = (0.005, 0.02, 0.1)
@@ -365,8 +365,10 @@ def step_outputs(problem: Problem, setting: Setting):
         out = {"loss_student": 0.5 * jnp.mean(x0_grad**2), "x0_grad": x0_grad,
                "guided_difference": x0_grad / sigma**2, "x0": x0}
         if problem.gradients:
-            means, out["student_grads"], out["lora_grads"] = vsd.batch_means(student, lora, teacher, cond,
-                                                                             problem.uncond, problem.noise)
+            means, grads = vsd.losses_and_grads(Trainable(student=student, lora=lora),
+                                                Frozen(teacher=teacher, text=None, uncond=problem.uncond),
+                                                Batch(cond=cond, noise=problem.noise))
+            out["student_grads"], out["lora_grads"] = grads.student, grads.lora
             out["loss_student"] = means["loss_student"]
         if x0_ref is not None:
             out["guided_difference_at_f32_x0"] = (
@@ -441,7 +443,7 @@ def measure(problem: Problem, names, perturbations, log, on_setting) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    """One row per (size, setting, p): cosines and relative errors against float32, as the README shows them."""
+    """One row per (size, setting, p): cosines and relative errors against float32, as docs/bf16.md shows them."""
     def cell(row, key, field):
         return f"{row[key][field]:.4f}" if key in row else "-"
 
@@ -462,11 +464,12 @@ def markdown_table(results: dict) -> str:
 def tiny_problem(root: str, batch: int, seed: int) -> Problem:
     """The tiny SD 2.1-shaped pipeline of configs/tiny.py (random weights), the trainer's own modules."""
     from swiftbrush_jax.files.pipeline import load_pipeline
-    from swiftbrush_jax.toy.tiny_teacher import CORPUS, make_tiny_pipeline
+    from swiftbrush_jax.models.presets import TINY_CORPUS as CORPUS
+    from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
 
     config = training_config("tiny")
     pipe = load_pipeline(make_tiny_pipeline(os.path.join(root, "tiny")))
-    vsd = train.build_vsd(config, pipe)  # tiny.py computes in float32: the reference's modules
+    vsd = setup.build_vsd(config, pipe)  # tiny.py computes in float32: the reference's modules
     lora = init_lora(jax.random.PRNGKey(seed), pipe.unet_params, config.lora.rank, tuple(config.lora.targets))
     ids = jnp.asarray(pipe.tokenize([CORPUS[i % len(CORPUS)] for i in range(batch)]))
     return Problem(vsd=vsd, unet=pipe.unet, text_encoder=pipe.text_encoder, unet_params=pipe.unet_params,
@@ -505,7 +508,8 @@ def sd21_problem(latent: int, batch: int, seed: int, gradients: bool) -> Problem
     from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from swiftbrush_jax.schedule import NoiseSchedule
     from swiftbrush_jax.models.presets import SCHEDULER, UNET
-    from swiftbrush_jax.vsd import VSDConfig, make_optimizer
+    from swiftbrush_jax.optim import make_optimizer
+    from swiftbrush_jax.vsd import VSDConfig
 
     config = training_config("sd21")
     unet_config = UNetConfig.from_diffusers(UNET)

@@ -1,9 +1,9 @@
-"""The cost of the papers' evaluation (swiftbrush_jax.paper_eval): generation speed on this machine and the
+"""The cost of the papers' evaluation (swiftbrush_jax.evaluators.paper_suites): generation speed on this machine and the
 FLOPs of the 30K-image SD 2.1 COCO evaluation.
 
     python benchmarks/eval_generation.py --json benchmarks/results/eval_generation_cpu.json
 
-Images/s are measured through paper_eval's own generation step (seeded noise,
+Images/s are measured through the evaluation's own generation step (seeded noise,
 ``sample.BatchedSampler`` in one step, PNG files, manifest) for the tiny random
 pipeline and the shipped shapes teacher, after one warm-up batch that compiles.
 The FLOPs are XLA's cost analysis of the lowered (not compiled) text encoder,
@@ -32,7 +32,7 @@ TEACHER_STEPS = 25  # the SD 2.1 row of SwiftBrush's Table 1 (docs/method.md §7
 
 
 def generation_rate(folder: str, batch_size: int, images: int) -> dict:
-    """Images/s of paper_eval's generation step after a warm-up batch (compilation), one step."""
+    """Images/s of the evaluation's generation step after a warm-up batch (compilation), one step."""
     from swiftbrush_jax.evaluators import generation
     from swiftbrush_jax.sample import BatchedSampler, latent_shape, load_sampling_model
 
@@ -61,12 +61,12 @@ def lowered_flops(fn, *args) -> float:
 
 def sd21_flops_per_image() -> dict:
     """FLOPs of one image's text encoder, UNet call and VAE decode at SD 2.1-base's 512 px, batch 1."""
-    from swiftbrush_jax.models import presets as sd21_arch
+    from swiftbrush_jax.models import presets
     from swiftbrush_jax.models.text_encoder import CLIPTextConfig, CLIPTextModel
     from swiftbrush_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from swiftbrush_jax.models.vae import AutoencoderKL, VAEConfig
 
-    configs = sd21_arch.SD21_BASE
+    configs = presets.SD21_BASE
     unet_cfg = UNetConfig.from_diffusers(configs["unet"])
     text_cfg = CLIPTextConfig.from_transformers(configs["text_encoder"])
     unet, text, vae = (UNet2DConditionModel(unet_cfg), CLIPTextModel(text_cfg),

@@ -29,7 +29,7 @@ def write_random_pipeline(folder: str, configs: dict, seed: int = 0) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from swiftbrush_jax.files import diffusers_writer as dio
-    from swiftbrush_jax.toy.tiny_teacher import CORPUS
+    from swiftbrush_jax.models.presets import TINY_CORPUS as CORPUS
 
     text = configs["text_encoder"]
     dio.write_clip_tokenizer(os.path.join(folder, "tokenizer"), CORPUS, max_length=text["max_position_embeddings"])

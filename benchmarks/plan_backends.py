@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from swiftbrush_jax.models import presets as sd21_arch
+from swiftbrush_jax.models import presets
 from swiftbrush_jax.files.diffusers_writer import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ GIB = 2.0**30
 
 def write_proxy_configs(root: str) -> None:
     """SD 2.1-base's config.json files with the UNet cut to its top two levels and a 2-layer text encoder."""
-    configs = copy.deepcopy(sd21_arch.SD21_BASE)
+    configs = copy.deepcopy(presets.SD21_BASE)
     configs["unet"].update(block_out_channels=[320, 640], attention_head_dim=[5, 10], layers_per_block=1,
                            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
@@ -45,7 +45,7 @@ def plan(teacher: str, batch: int, topology: str = "") -> dict:
         out = os.path.join(tmp, "plan.json")
         target = ["--topology", topology] if topology else ["--devices", "1"]
         cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(REPO, "configs", "sd21.py"),
-               f"--config.teacher={teacher}", "--config.attention_query_block=512",  # as measured in README
+               f"--config.teacher={teacher}", "--config.attention_query_block=512",  # as in docs/performance.md
                "--per-device-batch", str(batch), "--json", out] + target
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode:

@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes_table  # noqa: E402
 
-from swiftbrush_jax import evaluate as ev  # noqa: E402
+from swiftbrush_jax.evaluators import shapes_suite  # noqa: E402
 
 RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_search.json")
 METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms", "open_prompt_accuracy")
@@ -92,9 +92,9 @@ def run(results: dict, runs: str, name: str, seed: int) -> dict:
     steps, overrides = spec(name)
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     workdir, wall = shapes_table.train(runs, f"search_{name}", "", flags, seed, steps)
-    result = ev.evaluate(workdir, seeds=8, noise_seed=ev.NOISE_SEED + seed)
+    result = shapes_suite.evaluate(workdir, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed)
     if seed == 0:
-        ev.write_grid(os.path.join(runs, f"search_{name}.png"), result.pop("images"), 8)
+        shapes_suite.write_grid(os.path.join(runs, f"search_{name}.png"), result.pop("images"), 8)
     result.pop("images", None)
     record = {"setting": name, "seed": seed, "steps": steps, "overrides": overrides, "train_wall_s": wall,
               **{m: result[m] for m in METRICS}, "coverage_by_prompt": result["coverage_by_prompt"],

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from swiftbrush_jax import evaluate as ev
+from swiftbrush_jax.evaluators import shapes_suite
 from swiftbrush_jax.toy import shapes, teacher_arch, teacher_path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -87,11 +87,11 @@ def merge(runs: str, name: str, a: str, b: str, weight: float) -> str:
 def truth_result(seeds: int, size_px: int, repeat: int) -> dict:
     """True renders from other seeds, scored like a model: what a perfect generator gets."""
     prompts = shapes.all_prompts()
-    counts = ev.images_per_prompt(prompts, seeds)
-    images = ev.rendered_truth(prompts, counts, size_px, seed=ev.TRUE_IMAGES_SEED + 5_000 + 100 * repeat)
-    scores = ev.score_suite(images, prompts, counts)
+    counts = shapes_suite.images_per_prompt(prompts, seeds)
+    images = shapes_suite.rendered_truth(prompts, counts, size_px, seed=shapes_suite.TRUE_IMAGES_SEED + 5_000 + 100 * repeat)
+    scores = shapes_suite.score_suite(images, prompts, counts)
     return {"description": "true renders (reference)", **scores, **coverage_by_kind(scores["coverage_by_prompt"]),
-            "images": ev.grid_images(images, counts, seeds)}
+            "images": shapes_suite.grid_images(images, counts, seeds)}
 
 
 def coverage_by_kind(coverage_by_prompt: dict) -> dict:
@@ -155,30 +155,30 @@ def main(argv=None) -> None:
         repeats, description = [], name
         for r in range(args.repeats):
             if isinstance(spec, dict):
-                result = ev.evaluate(seeds=args.seeds, noise_seed=ev.NOISE_SEED + r, **spec)
+                result = shapes_suite.evaluate(seeds=args.seeds, noise_seed=shapes_suite.NOISE_SEED + 100_000 * r, **spec)
                 description = result["description"]
             elif name in MERGES:
                 a, b, weight = spec
                 folder = merge(args.runs, f"shapes_{name}_seed{r}", train(args.runs, a, *distilled[a], r, steps)[0],
                                train(args.runs, b, *distilled[b], r, steps)[0], weight)
-                result = ev.evaluate(folder, steps=1, seeds=args.seeds, noise_seed=ev.NOISE_SEED + r)
+                result = shapes_suite.evaluate(folder, steps=1, seeds=args.seeds, noise_seed=shapes_suite.NOISE_SEED + 100_000 * r)
                 result.update(train_seed=r, train_steps=steps)
                 description = f"{name}: {1 - weight:g} {a} + {weight:g} {b}, 1 step"
             else:
                 workdir, wall = train(args.runs, name, *spec, r, steps)
-                result = ev.evaluate(workdir, seeds=args.seeds, noise_seed=ev.NOISE_SEED + r)
+                result = shapes_suite.evaluate(workdir, seeds=args.seeds, noise_seed=shapes_suite.NOISE_SEED + 100_000 * r)
                 result.update(train_seed=r, train_steps=steps, train_wall_s=wall)
                 description = f"{name} ({steps} steps), 1 step"
             if r == 0:
-                ev.write_grid(os.path.join(args.out, f"shapes_{name}.png"), result["images"], args.seeds)
+                shapes_suite.write_grid(os.path.join(args.out, f"shapes_{name}.png"), result["images"], args.seeds)
             result.pop("images")
             result.update(coverage_by_kind(result["coverage_by_prompt"]))
-            print(name, r, ev.table_row(result), flush=True)
+            print(name, r, shapes_suite.markdown_table([result]).splitlines()[-1], flush=True)
             repeats.append(result)
         results.append(summary(name, description, repeats))
     if not args.only:
         truth = [truth_result(args.seeds, teacher_arch.IMAGE_PX, r) for r in range(args.repeats)]
-        ev.write_grid(os.path.join(args.out, "shapes_truth.png"), truth[0].pop("images"), args.seeds)
+        shapes_suite.write_grid(os.path.join(args.out, "shapes_truth.png"), truth[0].pop("images"), args.seeds)
         for t in truth[1:]:
             t.pop("images")
         results.append(summary("truth", "true renders (reference)", truth))

@@ -5,7 +5,7 @@
 
 Both sides load the same pipeline folder (``pipelines.py``) and run the same
 algorithm (docs/method.md §3) with the size's training config (batch, LoRA rank, CFG,
-dtypes) on the same machine, one after the other. Ours is the trainer's step (``train.build_vsd``,
+dtypes) on the same machine, one after the other. Ours is the trainer's step (``setup.build_vsd``,
 ``VSD.jit_train_step``) on one device; PyTorch's is ``torch_vsd.TorchVSDStep``
 (diffusers UNet, plain LoRA on to_q/to_v), eager and optionally
 ``torch.compile``d. Timings are per step after warm-up, each step waited for.
@@ -23,7 +23,7 @@ from harness import describe, format_table, hardware, limit_threads, time_steady
 from pipelines import SIZES, pipeline_folder, training_config
 from torch_vsd import TorchVSDStep
 from swiftbrush_jax.parallel import sharding
-from swiftbrush_jax import train
+from swiftbrush_jax import setup
 from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy.shapes import all_prompts
 from swiftbrush_jax.vsd import VSDConfig
@@ -36,10 +36,10 @@ def prompt_ids(pipe, batch: int) -> np.ndarray:
 
 def jax_step(pipe, config, ids):
     """Our step as the trainer sets it up, on one device; returns a blocking no-argument callable."""
-    vsd = train.build_vsd(config, pipe)
+    vsd = setup.build_vsd(config, pipe)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh)
-    state, state_sh = train.initial_state(config, vsd, pipe.unet_params, mesh)
+    frozen, frozen_sh = setup.frozen_inputs(config, pipe, mesh)
+    state, state_sh = setup.initial_state(config, vsd, pipe.unet_params, mesh)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
     ids = jax.device_put(ids, sharding.batch_sharding(mesh))
     holder = {"state": state}
@@ -59,7 +59,7 @@ def torch_step(folder, pipe, config, ids, compile_modules: bool):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"))
     text = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
-    h, w, c = train.build_vsd(config, pipe).latent_shape
+    h, w, c = setup.build_vsd(config, pipe).latent_shape
     step = TorchVSDStep(
         unet, text, pipe.schedule.alphas_cumprod, latent_shape=(c, h, w), rank=config.lora.rank,
         alpha=config.lora.alpha, vsd=VSDConfig(**config.vsd), student_lr=config.student_optimizer.lr,

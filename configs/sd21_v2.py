@@ -15,17 +15,7 @@ held), not on SD-Turbo's weights; the annealing length is not published (here th
 CLIP loss's options: docs/training.md.
 """
 
-import os
-
-from swiftbrush_jax.config_base import base_config
-
-
-class Variants(dict):
-    """Variant name -> its config overrides; an unknown name is a KeyError that lists the names."""
-
-    def __missing__(self, name):
-        raise KeyError(f"configs/{os.path.basename(__file__)}:{name} is not a variant; the variants: "
-                       f"{', '.join(self)}")
+from swiftbrush_jax.config_base import Variants, base_config
 
 
 def get_config(variant: str = "a"):
@@ -36,7 +26,7 @@ def get_config(variant: str = "a"):
     c.total_steps = 250_000
     c.remat = "full"  # memory settings of configs/sd21.py (same architecture)
     c.attention_query_block = 128
-    c.update_from_flattened_dict(Variants(
+    c.update_from_flattened_dict(Variants(__file__,
         a={"student_init": "stabilityai/sd-turbo"},
         b={"student_lora.rank": 256, "student_lora.alpha": 512.0,
            "vsd.clip_weight": 0.1, "vsd.clip_tau": 0.35, "vsd.clip_anneal_steps": c.total_steps},

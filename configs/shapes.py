@@ -26,7 +26,7 @@ Merge A and B: ``python -m swiftbrush_jax.merge --weight 0.5 --out merged runs/a
 
 import os
 
-from swiftbrush_jax.config_base import base_config
+from swiftbrush_jax.config_base import Variants, base_config
 from swiftbrush_jax.toy import teacher_path
 
 # The CLIP loss's tau: v2's 0.35 sits near the cosine a real image has with its caption under CLIP ViT-B/32;
@@ -34,13 +34,6 @@ from swiftbrush_jax.toy import teacher_path
 # binds only on an image that a true render of its prompt would beat.
 CLIP_TAU = 0.45
 
-
-class Variants(dict):
-    """Variant name -> its config overrides; an unknown name is a KeyError that lists the names."""
-
-    def __missing__(self, name):
-        raise KeyError(f"configs/{os.path.basename(__file__)}:{name} is not a variant; the variants: "
-                       f"{', '.join(self)}")
 
 
 def get_config(variant: str = "v1"):
@@ -62,7 +55,7 @@ def get_config(variant: str = "v1"):
     c.vsd.lora_guidance_scale = 1.0
     c.teacher_dtype = "float32"
     c.student_compute_dtype = "float32"
-    c.update_from_flattened_dict(Variants(
+    c.update_from_flattened_dict(Variants(__file__,
         v1={},
         v2_b={"student_lora.rank": 32, "student_lora.alpha": 64.0,
               "student_optimizer.lr": 1e-3,  # adapters start at zero; the LoRA teacher's rate

@@ -1,9 +1,13 @@
 """Every training config key with the paper's defaults (docs/method.md §3, §4); configs/*.py override a few."""
 
+import dataclasses
 import importlib.util
 import os
 
 import ml_collections
+
+from .optim import OptimizerConfig
+from .vsd import VSDConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,17 +27,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3
     c.sample_every = 2_000
+    c.sample_grid_min_px = 128  # sample grids enlarged (nearest) to at least this many px per image; 0: raw size
     c.max_consecutive_skips = 20  # stop when this many updates in a row were non-finite
     c.peer_timeout_s = 300  # multi-process: a process silent this long is lost; the others exit (docs/reliability.md)
 
-    c.vsd = ml_collections.ConfigDict(dict(
-        guidance_scale=4.5, lora_guidance_scale=4.5, t_min=20, t_max=980, lora_t_min=0, lora_t_max=999,
-        uncond_prob=0.1, student_t=-1, ema_decay=0.9999,
-        use_lora_teacher=True, student_x0_parameterization=True,  # False/False: the paper's ablations
-        lora_updates_per_step=1,  # >1: two time-scale updates, that many LoRA-teacher updates per student update
-        # SwiftBrush v2's clamped CLIP loss on the decoded x0 (docs/method.md §6: weight 0.1 annealed to 0, tau
-        # 0.35); weight 0 turns it off. clip_anneal_steps 0: a constant weight.
-        clip_weight=0.0, clip_tau=0.35, clip_anneal_steps=0))
+    # The method's constants (vsd.VSDConfig: the paper's, each explained there). vsd.lora_updates_per_step > 1:
+    # two time-scale updates; vsd.clip_weight > 0: SwiftBrush v2's clamped CLIP loss (docs/method.md §6).
+    c.vsd = ml_collections.ConfigDict(dataclasses.asdict(VSDConfig()))
     # With vsd.clip_weight > 0: a local transformers CLIPModel folder (its tokenizer must be the teacher's), and
     # a local TAESD folder (diffusers AutoencoderTiny) to decode x0, or "" for the teacher's own VAE.
     c.clip_model = ""
@@ -43,10 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 256, alpha 512), trained by student_optimizer; 0: a full copy of the teacher's UNet, as in the paper.
     # Targets (both LoRAs): any of lora.SUPPORTED_TARGETS, the UNet's linear layers and 1x1 convolutions.
     c.student_lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=("to_q", "to_k", "to_v", "to_out.0")))
-    c.student_optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))
-    c.lora_optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0, warmup_steps=0, decay_steps=0))
+    # AdamW as optim.OptimizerConfig has it; the paper's rates: 1e-6 for the student, 1e-3 for the LoRA teacher.
+    c.student_optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig(lr=1e-6)))
+    c.lora_optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig(lr=1e-3)))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # data=-1: all devices not used by fsdp
     c.teacher_dtype = "bfloat16"  # frozen teacher and text encoder
@@ -67,6 +66,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.microbatches = 1  # >1: each step's batch in this many sequential chunks, gradients summed (same update)
     c.latent_size = 0  # 0: the UNet's sample_size
     return c
+
+
+class Variants(dict):
+    """A config file's variants (``--config configs/<file>.py:<variant>``): name -> overrides of flattened keys,
+    for ``update_from_flattened_dict``; an unknown name is a KeyError that lists the names."""
+
+    def __init__(self, config_file: str, **variants):
+        super().__init__(variants)
+        self.config_file = os.path.basename(config_file)
+
+    def __missing__(self, name):
+        raise KeyError(f"configs/{self.config_file}:{name} is not a variant; the variants: {', '.join(self)}")
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

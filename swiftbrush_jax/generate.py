@@ -85,3 +85,11 @@ def image_grid(images: np.ndarray, cols: int) -> np.ndarray:
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     return grid
+
+
+def upscaled(images: np.ndarray, min_px: int) -> np.ndarray:
+    """(N, H, W, C) images enlarged for viewing by the smallest whole factor that brings both sides to at least
+    ``min_px``, nearest-neighbour (each pixel a k x k block, no new values); unchanged when already that
+    large or for ``min_px`` 0."""
+    k = -(-min_px // min(images.shape[1:3])) if min_px > 0 else 1
+    return images if k <= 1 else images.repeat(k, axis=1).repeat(k, axis=2)

@@ -5,7 +5,7 @@
     python -m swiftbrush_jax.plan --config configs/sd21.py --topology v5e:2x4 --config.mesh.fsdp=8
     python -m swiftbrush_jax.plan --config configs/sd21_v2.py:b --devices 8 --config.mesh.fsdp=8 --resident-only
 
-The step is built exactly as the trainer builds it (``train.build_vsd``, the
+The step is built exactly as the trainer builds it (``setup.build_vsd``, the
 sharding rule table, the same jit shardings and donation) but from abstract
 parameters (``jax.ShapeDtypeStruct``), so no SD-size weight is ever allocated.
 It is compiled for ``--devices`` simulated CPU devices; XLA then reports the
@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-# The trainer's module defines ``--config`` (and its overrides); the plan reads the same flag.
-from .parallel import sharding
-from . import train
+from . import setup
 from .errors import UsageError
+from .parallel import sharding
+
 
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of simulated CPU devices.")
 _BATCH = flags.DEFINE_integer("per-device-batch", None, "Per-device batch; default: config.batch_size / devices.")
@@ -71,22 +71,21 @@ PROXY_NOTE = ("memory from XLA's CPU buffer assignment: a proxy for TPU/GPU memo
 
 def model_configs(config) -> tuple:
     """(component config dicts, where they came from): the tiny teacher, the teacher's folder, or SD 2.1-base."""
-    from .models import presets as sd21_arch
+    from .models import presets
 
     if config.get("make_tiny_teacher"):
-        from .toy import tiny_teacher as tiny
         from .files.diffusers_writer import write_clip_tokenizer
 
-        # tiny.make_tiny_pipeline's architecture without its weights (initialising them takes minutes on a
+        # toy.tiny_teacher.make_tiny_pipeline's architecture without its weights (initialising them takes minutes on a
         # busy CPU); only the vocabulary size needs its tokenizer, which is built by rule in milliseconds.
         with tempfile.TemporaryDirectory() as tmp:
-            vocab = write_clip_tokenizer(tmp, tiny.CORPUS)
-        configs = {"unet": tiny.TINY_UNET, "text_encoder": dict(tiny.TINY_TEXT, vocab_size=vocab),
-                   "vae": tiny.TINY_VAE, "scheduler": tiny.SD21_SCHEDULER}
+            vocab = write_clip_tokenizer(tmp, presets.TINY_CORPUS)
+        configs = {"unet": presets.TINY_UNET, "text_encoder": dict(presets.TINY_TEXT, vocab_size=vocab),
+                   "vae": presets.TINY_VAE, "scheduler": presets.DDPM_SCHEDULER}
         return configs, "tiny random teacher (swiftbrush_jax.toy.tiny_teacher)"
     if os.path.isdir(config.teacher):
-        return sd21_arch.read_folder_configs(config.teacher), f"configs of {config.teacher}"
-    return sd21_arch.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.models.presets; {config.teacher} not on disk)"
+        return presets.read_folder_configs(config.teacher), f"configs of {config.teacher}"
+    return presets.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.models.presets; {config.teacher} not on disk)"
 
 
 def abstract_pipeline(configs: dict):
@@ -131,10 +130,10 @@ class AbstractStep:
 def abstract_step(config, pipe, mesh) -> AbstractStep:
     """The trainer's state and frozen inputs as ShapeDtypeStructs laid out by the rule table (the trainer's
     own set-up functions on an abstract pipeline), and its step."""
-    clip_parts = train.clip_loss_parts(config, pipe)
-    vsd = train.build_vsd(config, pipe, clip_parts)
-    state, state_sh = train.initial_state(config, vsd, pipe.unet_params, mesh, abstract=True)
-    frozen, frozen_sh = train.frozen_inputs(config, pipe, mesh, clip_parts[2] if clip_parts else None)
+    clip_parts = setup.clip_loss_parts(config, pipe)
+    vsd = setup.build_vsd(config, pipe, clip_parts)
+    state, state_sh = setup.initial_state(config, vsd, pipe.unet_params, mesh, abstract=True)
+    frozen, frozen_sh = setup.frozen_inputs(config, pipe, mesh, clip_parts[2] if clip_parts else None)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
     return AbstractStep(step, vsd, state, frozen, sharding.batch_sharding(mesh),
                         pipe.text_encoder.config.max_position_embeddings)
@@ -146,7 +145,7 @@ def resident_bytes(config, pipe, step: AbstractStep) -> dict:
     out = {"state_bytes": sharding.bytes_per_device(step.state), "frozen_bytes": sharding.bytes_per_device(step.frozen),
            "sampler_bytes": 0}
     if config.sample_every:
-        out["sampler_bytes"] = sharding.bytes_per_device(train.sampler_inputs(config, step.vsd, pipe,
+        out["sampler_bytes"] = sharding.bytes_per_device(setup.sampler_inputs(config, step.vsd, pipe,
                                                                               step.batch_sharding.mesh))
     out["resident_bytes"] = sum(out.values())
     return out
@@ -344,7 +343,7 @@ def tpu_devices(topology: str) -> list:
 
 def main(argv):
     del argv
-    config = flags.FLAGS.config
+    config = setup.CONFIG.value
     if _TOPOLOGY.value:
         use_simulated_devices(1, plan_flags=False)  # tracing and the model-FLOPs count run on the host
         targets = tpu_devices(_TOPOLOGY.value)
@@ -393,7 +392,7 @@ def main(argv):
 
     print(f"model: {source}")
     if config.vsd.clip_weight:
-        described = lambda key, default: config[key] if os.path.isdir(config[key]) else f"{default} (sd21_arch)"
+        described = lambda key, default: config[key] if os.path.isdir(config[key]) else f"{default} (models.presets)"
         decoder = described("clip_decoder", "TAESD") if config.clip_decoder else "the teacher's VAE"
         print(f"CLIP loss: {described('clip_model', 'CLIP ViT-B/32')}, decoded by {decoder}")
     print(f"devices: {devices} {kind}, mesh data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]}")

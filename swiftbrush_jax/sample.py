@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .data import prompts as data
+from .data.prompts import load_prompts
 from .files import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, ddim_images, one_step_images, to_uint8
@@ -118,8 +118,23 @@ def read_latents(path: str, pipe: StableDiffusion) -> np.ndarray:
 
 
 def seeded_noise(seeds: Sequence[int], shape: Tuple[int, int, int]) -> np.ndarray:
-    """One standard normal latent per seed, each from its own PRNG key."""
+    """One standard normal latent per seed, each from its own PRNG key: the one noise convention of sample,
+    serve and evaluate, so an image depends on its prompt and seed alone."""
     return np.stack([np.asarray(jax.random.normal(jax.random.PRNGKey(s), shape)) for s in seeds])
+
+
+class SeededNoise:
+    """Rows of ``seeded_noise(seeds, shape)``, each made when a batch asks for it (30K latents of 64x64 would
+    take 2 GB at once)."""
+
+    def __init__(self, seeds: Sequence[int], shape: Tuple[int, int, int]):
+        self.seeds, self.shape = list(seeds), shape
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, rows: Sequence[int]) -> np.ndarray:
+        return seeded_noise([self.seeds[r] for r in rows], self.shape)
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -169,13 +184,14 @@ class BatchedSampler:
         z = jax.device_put(_pad_rows(noise, size), self.rows)
         return np.asarray(self._run(z, jax.device_put(cond, self.rows)))[:n]
 
-    def images(self, prompts: Sequence[str], noise: np.ndarray) -> Iterator[Tuple[int, int, np.ndarray]]:
-        """(prompt index, noise index, image) for every prompt x every noise row, prompt-major."""
-        pairs = [(p, k) for p in range(len(prompts)) for k in range(len(noise))]
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
-            out = self([prompts[p] for p, _ in chunk], noise[[k for _, k in chunk]])
-            yield from ((p, k, img) for (p, k), img in zip(chunk, out))
+    def images(self, prompts: Sequence[str], noise, rows: Optional[Sequence[int]] = None
+               ) -> Iterator[Tuple[int, np.ndarray]]:
+        """(i, image i) for every prompt in order: image i is prompts[i] from noise row rows[i] (default i) of
+        ``noise``, an array or ``SeededNoise``; the one generation loop of sample and evaluate."""
+        rows = list(range(len(prompts))) if rows is None else list(rows)
+        for start in range(0, len(prompts), self.batch_size):
+            stop = min(start + self.batch_size, len(prompts))
+            yield from enumerate(self(prompts[start:stop], noise[rows[start:stop]]), start)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -206,7 +222,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def collect_prompts(args: argparse.Namespace) -> List[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += data.load_prompts(args.prompts_file)[0]
+        prompts += load_prompts(args.prompts_file)[0]
     if not prompts:
         raise UsageError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -241,14 +257,16 @@ def main(argv: Sequence[str]) -> None:
         names = [f"latents{k}" for k in range(len(noise))]
     else:
         seeds = [args.seed + k for k in range(args.num_images or 1)]
-        noise = seeded_noise(seeds, latent_shape(model))
+        noise = SeededNoise(seeds, latent_shape(model))
         names = [f"seed{s}" for s in seeds]
     sampler = BatchedSampler(model, args.batch_size, steps, guidance)
     storage.makedirs(args.out)
-    count = 0
-    for p, k, image in sampler.images(prompts, noise):
+    pairs = [(p, k) for p in range(len(prompts)) for k in range(len(noise))]  # prompt-major
+    images = sampler.images([prompts[p] for p, _ in pairs], noise, [k for _, k in pairs])
+    for i, image in images:
+        p, k = pairs[i]
         storage.write_bytes(storage.join(args.out, f"prompt{p:05d}_{names[k]}.png"), png_bytes(image))
-        count += 1
+    count = len(pairs)
     how = "1 step" if steps == 1 else f"{steps} DDIM steps, guidance {guidance:g}"
     print(f"wrote {count} images ({how}, {model.description}) to {args.out}", flush=True)
 

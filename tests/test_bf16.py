@@ -1,5 +1,5 @@
 """The bf16 step learns the float32 step's student gradient: the guided difference e_teacher - e_lora, small
-next to each score early in a run, is computed in float32 (README, "bf16, measured and fixed")."""
+next to each score early in a run, is computed in float32 (docs/bf16.md)."""
 
 import os
 
@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import vsd_calls
 
-from swiftbrush_jax import train
+from swiftbrush_jax import setup
 from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.lora import init_lora
 from swiftbrush_jax.files.pipeline import load_pipeline
@@ -37,15 +38,15 @@ def problem(tmp_path_factory):
     prompts = ["a red circle", "a blue square", "a green triangle", "a shape"]
     cond = jnp.asarray(pipe.encode_text(prompts))
     uncond = jnp.asarray(pipe.encode_text([""]))
-    noise = train.build_vsd(config, pipe).draw(jax.random.PRNGKey(3), len(prompts))
+    noise = setup.build_vsd(config, pipe).draw(jax.random.PRNGKey(3), len(prompts))
     return pipe, lora, cond, uncond, noise
 
 
 def student_gradient(problem, config):
     pipe, lora, cond, uncond, noise = problem
-    vsd = train.build_vsd(config, pipe)
-    teacher = train.as_dtype(pipe.unet_params, jnp.dtype(config.teacher_dtype))
-    _, student_grads, _ = jax.jit(vsd.losses_and_grads)(pipe.unet_params, lora, teacher, cond, uncond, noise)
+    vsd = setup.build_vsd(config, pipe)
+    teacher = setup.as_dtype(pipe.unet_params, jnp.dtype(config.teacher_dtype))
+    _, student_grads, _ = vsd_calls.jit_gradients(vsd)(pipe.unet_params, lora, teacher, cond, uncond, noise)
     return np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree_util.tree_leaves(student_grads)])
 
 

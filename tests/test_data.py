@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from swiftbrush_jax.data.prompts import Prefetcher, PromptSourceError, PromptStats, PromptStream, load_prompts, parse_tfds_source
+from swiftbrush_jax.data.prompts import PromptSourceError, PromptStats, load_prompts, parse_tfds_source
+from swiftbrush_jax.data.stream import Prefetcher, PromptStream
 
 
 def write_bytes(path, data: bytes):

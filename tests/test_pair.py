@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import vsd_calls
 
 
-from swiftbrush_jax import pair, precision, train
+from swiftbrush_jax import pair, precision, setup
 from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.generate import guided
 from swiftbrush_jax.lora import init_lora
@@ -129,9 +130,9 @@ def config_with(**overrides):
 
 
 def student_gradient(pipe, lora, config, noise, cond, uncond):
-    vsd = train.build_vsd(config, pipe)
-    teacher = train.as_dtype(pipe.unet_params, jnp.dtype(config.teacher_dtype))
-    _, grads, _ = jax.jit(vsd.losses_and_grads)(pipe.unet_params, lora, teacher, cond, uncond, noise)
+    vsd = setup.build_vsd(config, pipe)
+    teacher = setup.as_dtype(pipe.unet_params, jnp.dtype(config.teacher_dtype))
+    _, grads, _ = vsd_calls.jit_gradients(vsd)(pipe.unet_params, lora, teacher, cond, uncond, noise)
     return np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree_util.tree_leaves(grads)])
 
 
@@ -139,7 +140,7 @@ def test_pair_step_keeps_the_float32_student_gradient_in_bf16(tiny):
     """The whole step in bf16 (teacher, text encoder, student and the pair pass): student-gradient cosine
     >= 0.99 with the float32 step at p = 0.005, where subtracting bf16 scores gives about 0.45."""
     pipe, lora, _, _, cond, uncond = tiny
-    noise = train.build_vsd(config_with(), pipe).draw(jax.random.PRNGKey(3), cond.shape[0])
+    noise = setup.build_vsd(config_with(), pipe).draw(jax.random.PRNGKey(3), cond.shape[0])
     reference = student_gradient(pipe, lora, config_with(), noise, cond, uncond)
     bf16 = dict(teacher_dtype="bfloat16", student_compute_dtype="bfloat16", score_dtype="")
     paired = student_gradient(pipe, lora, config_with(score_pair=True, **bf16), noise, cond, uncond)
@@ -154,7 +155,7 @@ def test_pair_step_equals_the_subtraction_in_float32_for_a_v_prediction_teacher(
     import dataclasses
 
     v_pipe = dataclasses.replace(pipe, schedule=dataclasses.replace(pipe.schedule, prediction_type="v_prediction"))
-    noise = train.build_vsd(config_with(), v_pipe).draw(jax.random.PRNGKey(4), cond.shape[0])
+    noise = setup.build_vsd(config_with(), v_pipe).draw(jax.random.PRNGKey(4), cond.shape[0])
     reference = student_gradient(v_pipe, lora, config_with(), noise, cond, uncond)
     paired = student_gradient(v_pipe, lora, config_with(score_pair=True), noise, cond, uncond)
     assert rel_error(paired, reference) < 5e-3
@@ -182,5 +183,5 @@ def test_loops_are_refused_by_name():
 
 def test_pair_with_query_blocks_is_refused_in_one_line(tiny):
     pipe = tiny[0]
-    with pytest.raises(train.UsageError, match="attention_query_block=0"):
-        train.build_vsd(config_with(score_pair=True, attention_query_block=16), pipe)
+    with pytest.raises(setup.UsageError, match="attention_query_block=0"):
+        setup.build_vsd(config_with(score_pair=True, attention_query_block=16), pipe)

@@ -1,4 +1,4 @@
-"""The papers' evaluation (swiftbrush_jax.paper_eval) end to end on the shapes teacher, offline, random weights.
+"""The papers' evaluation (python -m swiftbrush_jax.evaluate --suite coco2014|hps) end to end on the shapes teacher, offline, random weights.
 
 Each metric runs through the command line's own code path with randomly
 initialised stand-ins: a small TorchScript network with the interface of
@@ -20,8 +20,8 @@ import torch
 import field_tools
 from swiftbrush_jax import toy
 from swiftbrush_jax.errors import UsageError
-from swiftbrush_jax.evaluators import clip_scorers as clip_models, fid, generation, prompt_sets as prompts
-from swiftbrush_jax.paper_eval import main
+from swiftbrush_jax.evaluators import clip_scorers, fid, generation, prompt_sets
+from swiftbrush_jax.evaluate import main
 
 NUM_IMAGES = 6
 SMALL_VIT = {"projection_dim": 16,
@@ -106,7 +106,7 @@ def weights(tmp_path_factory):
     tokenizer_dir = os.path.join(toy.teacher_path(), "tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
     arch = dict(SMALL_VIT, text=dict(SMALL_VIT["text"], vocab_size=len(tokenizer)))
-    clip = CLIPModel(clip_models.clip_config(arch, tokenizer)).eval()
+    clip = CLIPModel(clip_scorers.clip_config(arch, tokenizer)).eval()
     clip_file = str(folder / "small_vit.safetensors")
     save_file(to_openclip_layout(clip), clip_file)
     return {"inception": inception, "clip_file": clip_file, "clip": clip, "arch": arch, "tokenizer": tokenizer,
@@ -159,8 +159,8 @@ def test_a_lost_image_is_regenerated_alone(generated, tmp_path):
 
 def test_caption_sample_is_fixed_by_seed_and_one_per_image():
     captions = {i: [f"caption {i} a", f"caption {i} b"] for i in range(50)}
-    first, again = prompts.sample_coco(captions, 20, seed=1), prompts.sample_coco(captions, 20, seed=1)
-    assert first == again and first != prompts.sample_coco(captions, 20, seed=2)
+    first, again = prompt_sets.sample_coco(captions, 20, seed=1), prompt_sets.sample_coco(captions, 20, seed=1)
+    assert first == again and first != prompt_sets.sample_coco(captions, 20, seed=2)
     assert len({r["image_id"] for r in first}) == 20
     assert all(r["prompt"] in captions[r["image_id"]] for r in first)
 
@@ -231,8 +231,8 @@ def test_openclip_attention_layout(weights):
     from transformers import CLIPModel
 
     state = load_file(weights["clip_file"])
-    model = CLIPModel(clip_models.clip_config(weights["arch"], weights["tokenizer"])).eval()
-    model.load_state_dict(clip_models.openclip_to_transformers(state, 2, 2), strict=False)
+    model = CLIPModel(clip_scorers.clip_config(weights["arch"], weights["tokenizer"])).eval()
+    model.load_state_dict(clip_scorers.openclip_to_transformers(state, 2, 2), strict=False)
     width = weights["arch"]["vision"]["hidden_size"]
     mha = torch.nn.MultiheadAttention(width, weights["arch"]["vision"]["num_attention_heads"], batch_first=True)
     prefix = "visual.transformer.resblocks.1.attn."
@@ -251,18 +251,18 @@ def test_clip_score_equals_direct_cosine(generated, weights):
 
     out = generated["out"]
     rows = generation.complete_set(out, [json.loads(l)["prompt"] for l in open(os.path.join(out, "prompts.jsonl"))])
-    scorer = clip_models.load_clip(weights["arch"], weights["clip_file"], weights["tokenizer_dir"], "test")
-    ours = clip_models.clip_score(scorer, ((generation.read_image(out, r), r["prompt"]) for r in rows), batch_size=4)
+    scorer = clip_scorers.load_clip(weights["arch"], weights["clip_file"], weights["tokenizer_dir"], "test")
+    ours = clip_scorers.clip_score(scorer, ((generation.read_image(out, r), r["prompt"]) for r in rows), batch_size=4)
 
     images = [generation.read_image(out, r) for r in rows]
     processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                   image_mean=clip_models.CLIP_MEAN.tolist(), image_std=clip_models.CLIP_STD.tolist())
+                                   image_mean=clip_scorers.CLIP_MEAN.tolist(), image_std=clip_scorers.CLIP_STD.tolist())
     pixels = processor(images=images, return_tensors="pt").pixel_values
     ids = weights["tokenizer"](["A photo depicts " + r["prompt"] for r in rows], padding="max_length", max_length=77,
                                truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        img = clip_models._features(weights["clip"].get_image_features(pixel_values=pixels))
-        txt = clip_models._features(weights["clip"].get_text_features(input_ids=ids))
+        img = clip_scorers._features(weights["clip"].get_image_features(pixel_values=pixels))
+        txt = clip_scorers._features(weights["clip"].get_text_features(input_ids=ids))
     direct = torch.nn.functional.cosine_similarity(img, txt).mean().item()
     assert ours == pytest.approx(direct, abs=1e-5)
     assert -1 <= ours <= 1
@@ -282,12 +282,12 @@ def test_coco_suite_record_and_table(generated, weights, capsys):
         "--score-only", "--coco-images", str(reference), "--inception", weights["inception"],
         "--clip-weights", weights["clip_file"], "--tokenizer", weights["tokenizer_dir"], "--workers", "0"]
     # The real ViT-g-14 is too large for CI: the same code path with the small architecture.
-    vit_g = clip_models.VIT_G_14
-    clip_models.VIT_G_14 = weights["arch"]
+    vit_g = clip_scorers.VIT_G_14
+    clip_scorers.VIT_G_14 = weights["arch"]
     try:
         main(argv)
     finally:
-        clip_models.VIT_G_14 = vit_g
+        clip_scorers.VIT_G_14 = vit_g
     record = json.load(open(os.path.join(generated["out"], "record.json")))
     assert record["suite"] == "coco2014" and record["num_images"] == NUM_IMAGES
     assert record["fid"] > 0 and -1 <= record["clip_score"] <= 1 and record["fid_reference_images"] == 4
@@ -300,7 +300,7 @@ def test_coco_suite_record_and_table(generated, weights, capsys):
 
 def run_cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "swiftbrush_jax.paper_eval", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "swiftbrush_jax.evaluate", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
@@ -327,7 +327,7 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     path = tmp_path / "HPS_v2_compressed.pt"
     path.write_bytes(b"not read")
     with pytest.raises(UsageError, match="never read here: pass the weights as safetensors"):
-        clip_models.read_safetensors(str(path), "HPSv2")
+        clip_scorers.read_safetensors(str(path), "HPSv2")
 
 
 def test_empty_image_folder_is_one_error_line(tmp_path, weights):
@@ -351,32 +351,32 @@ def test_wrong_shape_captions_is_one_error_line(tmp_path):
                                      {"annotations": [{"image_id": 1}]}])
 def test_other_wrong_captions_shapes_are_refused(tmp_path, content):
     with pytest.raises(UsageError, match="captions_val2014.json"):
-        prompts.coco_captions(write_captions(tmp_path / "c.json", content))
+        prompt_sets.coco_captions(write_captions(tmp_path / "c.json", content))
 
 
 def test_hps_suite_scores_each_style(tmp_path, weights):
     """--suite hps end to end: one image per prompt, HPSv2 = 100 x cosine, averaged per style."""
     folder = tmp_path / "benchmark"
     folder.mkdir()
-    for k, style in enumerate(prompts.HPS_STYLES):
+    for k, style in enumerate(prompt_sets.HPS_STYLES):
         shapes = [f"a red {s}" for s in ("circle", "square", "triangle")][k % 3:]
         (folder / f"{style}.json").write_text(json.dumps(shapes))
     out = str(tmp_path / "hps")
     argv = ["--suite", "hps", "--model", toy.teacher_path(), "--out", out, "--hps-prompts", str(folder),
             "--num-images", "1", "--steps", "1", "--batch-size", "4", "--hps-weights", weights["clip_file"],
             "--tokenizer", weights["tokenizer_dir"]]
-    vit_h = clip_models.VIT_H_14
-    clip_models.VIT_H_14 = weights["arch"]  # the real ViT-H-14 is too large for CI
+    vit_h = clip_scorers.VIT_H_14
+    clip_scorers.VIT_H_14 = weights["arch"]  # the real ViT-H-14 is too large for CI
     try:
         main(argv)
     finally:
-        clip_models.VIT_H_14 = vit_h
+        clip_scorers.VIT_H_14 = vit_h
     record = json.load(open(os.path.join(out, "record.json")))
     rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
     assert [r["prompt"] for r in rows] == ["a red circle", "a red square", "a red triangle", "a red circle"]
-    scorer = clip_models.load_clip(weights["arch"], weights["clip_file"], weights["tokenizer_dir"], "test")
+    scorer = clip_scorers.load_clip(weights["arch"], weights["clip_file"], weights["tokenizer_dir"], "test")
     direct = 100 * scorer.cosine([generation.read_image(out, r) for r in rows], [r["prompt"] for r in rows])
-    assert [record["hpsv2"][s] for s in prompts.HPS_STYLES] == pytest.approx(direct.tolist(), abs=1e-4)
+    assert [record["hpsv2"][s] for s in prompt_sets.HPS_STYLES] == pytest.approx(direct.tolist(), abs=1e-4)
     assert record["hpsv2_mean"] == pytest.approx(direct.mean(), abs=1e-4)
 
 
@@ -408,21 +408,21 @@ def test_conversion_matches_openclip(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     save_file({k: v.contiguous() for k, v in openclip.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     arch = dict(SMALL_VIT, text=dict(text, vocab_size=vocab))
-    scorer = clip_models.load_clip(arch, str(tmp_path / "vit.safetensors"), str(tmp_path / "tokenizer"), "test")
+    scorer = clip_scorers.load_clip(arch, str(tmp_path / "vit.safetensors"), str(tmp_path / "tokenizer"), "test")
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (300, 260, 3), dtype=np.uint8) for _ in texts]
     ids = load_tokenizer(str(tmp_path / "tokenizer"))(texts, padding="max_length", max_length=77, truncation=True,
                                                       return_tensors="pt").input_ids
     with torch.no_grad():
-        image_emb = openclip.encode_image(torch.from_numpy(clip_models.preprocess(images, 224)), normalize=True)
+        image_emb = openclip.encode_image(torch.from_numpy(clip_scorers.preprocess(images, 224)), normalize=True)
         text_emb = openclip.encode_text(ids, normalize=True)
     np.testing.assert_allclose(scorer.cosine(images, texts), (image_emb * text_emb).sum(-1).numpy(), atol=1e-6)
 
 
 def test_a_folder_of_another_prompt_set_is_refused(tmp_path):
     path = str(tmp_path / "prompts.jsonl")
-    prompts.write_prompt_list(path, [{"prompt": "a red circle"}])
-    prompts.write_prompt_list(path, [{"prompt": "a red circle"}])  # the same set: accepted
+    prompt_sets.write_prompt_list(path, [{"prompt": "a red circle"}])
+    prompt_sets.write_prompt_list(path, [{"prompt": "a red circle"}])  # the same set: accepted
     with pytest.raises(UsageError, match="another prompt set"):
-        prompts.write_prompt_list(path, [{"prompt": "a blue square"}])
+        prompt_sets.write_prompt_list(path, [{"prompt": "a blue square"}])

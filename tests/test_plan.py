@@ -61,13 +61,13 @@ def tiny_state_bytes():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from swiftbrush_jax.toy import tiny_teacher as tiny
+    from swiftbrush_jax.models import presets
     from swiftbrush_jax.files.diffusers_writer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = write_clip_tokenizer(tmp, tiny.CORPUS)
-    unet = UNet2DConditionModel(**tiny.TINY_UNET)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **tiny.TINY_TEXT))
+        vocab = write_clip_tokenizer(tmp, presets.TINY_CORPUS)
+    unet = UNet2DConditionModel(**presets.TINY_UNET)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, **presets.TINY_TEXT))
     count = lambda m: sum(p.numel() for p in m.parameters())
     lora = adapter_floats(unet, 4, (".to_q", ".to_v"))
     tokens, width = text.config.max_position_embeddings, text.config.hidden_size
@@ -88,7 +88,7 @@ def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     the UNet (student, EMA and Adam's two moments of each), counted from the PyTorch UNet of the tiny config."""
     from diffusers import UNet2DConditionModel
 
-    from swiftbrush_jax.toy import tiny_teacher as tiny
+    from swiftbrush_jax.models import presets
 
     def plan(name, *overrides):
         out = tmp_path / f"{name}.json"
@@ -102,7 +102,7 @@ def test_resident_only_shows_what_a_lora_student_saves(tmp_path):
     whole = plan("whole")
     lora = plan("lora", "--config.student_lora.rank=4", "--config.student_lora.alpha=4")
     assert whole["measurements"] == lora["measurements"] == [] and lora["student_lora_rank"] == 4
-    unet = UNet2DConditionModel(**tiny.TINY_UNET)
+    unet = UNet2DConditionModel(**presets.TINY_UNET)
     unet_floats = sum(p.numel() for p in unet.parameters())
     adapters = adapter_floats(unet, 4, (".to_q", ".to_k", ".to_v", ".to_out.0"))
     assert whole["state_bytes"] - lora["state_bytes"] == 4 * 4 * (unet_floats - adapters)
@@ -117,7 +117,7 @@ def test_resident_counts_the_clip_loss_towers(tmp_path):
     from diffusers import AutoencoderTiny
     from transformers import CLIPConfig, CLIPModel
 
-    from swiftbrush_jax.models import presets as sd21_arch
+    from swiftbrush_jax.models import presets
 
     def plan(name, *overrides):
         out = tmp_path / f"{name}.json"
@@ -129,11 +129,11 @@ def test_resident_counts_the_clip_loss_towers(tmp_path):
 
     printed, with_clip = plan("clip")
     _, without = plan("no_clip", "--config.vsd.clip_weight=0")
-    assert "CLIP loss: CLIP ViT-B/32 (sd21_arch), decoded by TAESD (sd21_arch)" in printed
+    assert "CLIP loss: CLIP ViT-B/32 (models.presets), decoded by TAESD (models.presets)" in printed
     with torch.device("meta"):
-        clip = CLIPModel(CLIPConfig(text_config=sd21_arch.CLIP_VIT_B32["text_config"],
-                                    vision_config=sd21_arch.CLIP_VIT_B32["vision_config"],
-                                    projection_dim=sd21_arch.CLIP_VIT_B32["projection_dim"]))
+        clip = CLIPModel(CLIPConfig(text_config=presets.CLIP_VIT_B32["text_config"],
+                                    vision_config=presets.CLIP_VIT_B32["vision_config"],
+                                    projection_dim=presets.CLIP_VIT_B32["projection_dim"]))
         taesd = AutoencoderTiny()
     towers = sum(p.numel() for name, p in clip.named_parameters() if name != "logit_scale")
     towers += sum(p.numel() for p in taesd.parameters())

@@ -534,7 +534,8 @@ def pod(tmp_path_factory):
     (during training), SIGKILLed again while a later checkpoint is being written, then both processes
     SIGTERMed, and a last restart to POD_STEPS."""
     base = tmp_path_factory.mktemp("pod")
-    reference = [collect(*p) for p in launch_pod(base / "reference", f"--config.total_steps={POD_STEPS}")]
+    # The uninterrupted run goes beside the chain: both are mostly start-up, waits and checkpoint writes.
+    reference_pod = launch_pod(base / "reference", f"--config.total_steps={POD_STEPS}")
     workdir = base / "chain"
     training = pod_kill_when(workdir, lambda w: 4 in steps_on_disk(w)[0])
     after_first = steps_on_disk(workdir)[0][-1]
@@ -550,6 +551,7 @@ def pod(tmp_path_factory):
     terminated = [collect(*p) for p in procs]
     after_term = steps_on_disk(workdir)
     final = [collect(*p) for p in launch_pod(workdir, f"--config.total_steps={POD_STEPS}")]
+    reference = [collect(*p) for p in reference_pod]
     return {"reference": (reference, base / "reference"), "training": training, "mid_write": mid_write,
             "before_term": before_term, "terminated": terminated, "after_term": after_term, "final": final,
             "workdir": workdir}

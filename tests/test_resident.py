@@ -8,7 +8,7 @@ import os
 import jax
 import pytest
 
-from swiftbrush_jax import plan, train
+from swiftbrush_jax import plan, setup
 from swiftbrush_jax.parallel import sharding
 from swiftbrush_jax.config_base import load_config_file
 
@@ -42,7 +42,7 @@ def test_each_device_holds_its_share_as_plan_reports(tmp_path, config_name):
     config = fsdp8_config(config_name)
     gc.collect()
     before = {id(x) for x in jax.live_arrays()}
-    run = train.set_up(config, str(tmp_path / "work"))
+    run = setup.set_up(config, str(tmp_path / "work"))
     try:
         held = live_bytes_per_device(before)
         assert len(held) == 8, held

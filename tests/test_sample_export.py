@@ -21,7 +21,7 @@ import reference
 from swiftbrush_jax.files import checkpoint as ckpt
 from swiftbrush_jax.files import diffusers_writer as dio
 from swiftbrush_jax import export, sample
-from swiftbrush_jax.toy import tiny_teacher as tiny
+from swiftbrush_jax.models import presets
 from swiftbrush_jax.errors import UsageError, exit_on_user_error
 from swiftbrush_jax.generate import to_uint8
 from swiftbrush_jax.lora import SUPPORTED_TARGETS
@@ -38,14 +38,14 @@ def save_torch_teacher(folder: str) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = dio.write_clip_tokenizer(os.path.join(folder, "tokenizer"), tiny.CORPUS)
+    vocab = dio.write_clip_tokenizer(os.path.join(folder, "tokenizer"), presets.TINY_CORPUS)
     # As in tiny.py: the tokenizer's start and end (= padding) tokens are its last two.
     text = CLIPTextConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-                          **tiny.TINY_TEXT)
+                          **presets.TINY_TEXT)
     reference.randomize(CLIPTextModel(text), seed=0).save_pretrained(os.path.join(folder, "text_encoder"))
-    reference.randomize(AutoencoderKL(**tiny.TINY_VAE), seed=1).save_pretrained(os.path.join(folder, "vae"))
-    reference.randomize(UNet2DConditionModel(**tiny.TINY_UNET), seed=2).save_pretrained(os.path.join(folder, "unet"))
-    dio.write_scheduler(folder, tiny.SD21_SCHEDULER)
+    reference.randomize(AutoencoderKL(**presets.TINY_VAE), seed=1).save_pretrained(os.path.join(folder, "vae"))
+    reference.randomize(UNet2DConditionModel(**presets.TINY_UNET), seed=2).save_pretrained(os.path.join(folder, "unet"))
+    dio.write_scheduler(folder, presets.DDPM_SCHEDULER)
     dio.write_model_index(folder, "DDPMScheduler")
     return folder
 

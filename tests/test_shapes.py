@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from swiftbrush_jax.evaluators import shapes_scores as metrics
+from swiftbrush_jax.evaluators import shapes_scores
 from swiftbrush_jax.toy import shapes
 
 N = 300
@@ -32,7 +32,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def clean_analysis(dataset):
-    return metrics.analyze(dataset[0])
+    return shapes_scores.analyze(dataset[0])
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,13 @@ def test_smaller_images_scale_the_shapes():
     images, captions, attributes = shapes.sample_dataset(100, seed=3, size_px=32)
     assert images.shape == (100, 32, 32, 3)
     assert attributes["size"].max() <= 11.0
-    assert metrics.score(images, captions)["joint_accuracy"] >= 0.98
+    assert shapes_scores.score(images, captions)["joint_accuracy"] >= 0.98
 
 
 def test_analyzer_recovers_clean_renders(dataset, clean_analysis):
     _, captions, attributes = dataset
     analysis = clean_analysis
-    result = metrics.score_analysis(analysis, captions)
+    result = shapes_scores.score_analysis(analysis, captions)
     assert result["color_accuracy"] >= 0.98 and result["shape_accuracy"] >= 0.98
     assert analysis["found"].all()
     shape, size = attributes["shape"], attributes["size"]
@@ -112,8 +112,8 @@ def test_analyzer_survives_blur_and_noise(dataset, clean_analysis):
     images, captions, _ = dataset
     rng = np.random.default_rng(0)
     degraded = to_uint8(gaussian_blur(images, 1.5) + rng.normal(0.0, 10.0, images.shape))
-    sharp, blurred = clean_analysis, metrics.analyze(degraded)
-    result = metrics.score_analysis(blurred, captions)
+    sharp, blurred = clean_analysis, shapes_scores.analyze(degraded)
+    result = shapes_scores.score_analysis(blurred, captions)
     assert result["color_accuracy"] >= 0.9 and result["shape_accuracy"] >= 0.9
     assert blurred["sharpness"].mean() < 0.6 * sharp["sharpness"].mean()
     assert blurred["edge_band"].mean() > sharp["edge_band"].mean()
@@ -121,7 +121,7 @@ def test_analyzer_survives_blur_and_noise(dataset, clean_analysis):
 
 def test_float_images_score_like_uint8(dataset):
     images, captions, _ = dataset
-    assert metrics.score(images[:50] / 255.0, captions[:50]) == metrics.score(images[:50], captions[:50])
+    assert shapes_scores.score(images[:50] / 255.0, captions[:50]) == shapes_scores.score(images[:50], captions[:50])
 
 
 def test_recoloured_shapes_lose_colour_accuracy():
@@ -131,7 +131,7 @@ def test_recoloured_shapes_lose_colour_accuracy():
     recoloured = attributes["color"].copy()
     recoloured[::2] = (recoloured[::2] + 1 + np.arange(100) % 5) % len(shapes.COLOR_NAMES)
     images = shapes.render_batch(**{**attributes, "color": recoloured})
-    result = metrics.score(images, captions)
+    result = shapes_scores.score(images, captions)
     assert 0.45 <= result["color_accuracy"] <= 0.55
     assert result["shape_accuracy"] >= 0.98
     assert result["joint_accuracy"] == pytest.approx(result["color_accuracy"], abs=0.02)
@@ -141,22 +141,22 @@ def test_noise_and_constant_images_have_no_shape(dataset):
     _, captions, _ = dataset
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 256, (100, 64, 64, 3), dtype=np.uint8)
-    noise_result = metrics.score(noise, captions[:100])
+    noise_result = shapes_scores.score(noise, captions[:100])
     assert noise_result["found_rate"] <= 0.1 and noise_result["joint_accuracy"] <= 0.1
     constant = np.full((20, 64, 64, 3), 128, np.uint8)
-    analysis = metrics.analyze(constant)
+    analysis = shapes_scores.analyze(constant)
     assert not analysis["found"].any()
     assert (analysis["color"] == -1).all() and (analysis["shape"] == -1).all()
-    assert metrics.score(constant, captions[:20])["joint_accuracy"] == 0.0
+    assert shapes_scores.score(constant, captions[:20])["joint_accuracy"] == 0.0
 
 
 def test_diversity(dataset):
     images, _, _ = dataset
     identical = np.repeat(images[:1], 8, axis=0)
-    same = metrics.diversity([identical, np.repeat(images[1:2], 8, axis=0)])
+    same = shapes_scores.diversity([identical, np.repeat(images[1:2], 8, axis=0)])
     assert same["centroid_x_std"] == same["centroid_y_std"] == same["size_std"] == 0.0
     assert same["pairwise_rms"] < 1e-6
-    spread = metrics.diversity([images[:30], images[30:60]])
+    spread = shapes_scores.diversity([images[:30], images[30:60]])
     assert spread["centroid_x_std"] > 3.0 and spread["centroid_y_std"] > 3.0 and spread["size_std"] > 2.0
     assert spread["pairwise_rms"] > 0.1
 
@@ -167,23 +167,23 @@ def test_frechet_formula_on_an_affine_copy():
     moved = 2.0 * features + 1.0
     # Covariances S and 4S: the trace terms give tr S + 4 tr S - 2 * 2 tr S.
     expected = ((features.mean(0) - moved.mean(0)) ** 2).sum() + np.trace(np.cov(features, rowvar=False))
-    assert metrics.frechet_distance_from_features(features, moved) == pytest.approx(expected, rel=1e-6)
-    assert metrics.frechet_distance_from_features(moved, features) == pytest.approx(expected, rel=1e-6)
+    assert shapes_scores.frechet_distance_from_features(features, moved) == pytest.approx(expected, rel=1e-6)
+    assert shapes_scores.frechet_distance_from_features(moved, features) == pytest.approx(expected, rel=1e-6)
     constant = np.ones((50, 5))
     # A singular (zero) covariance still works: only the mean gap and tr S remain.
     expected = ((features.mean(0) - 1.0) ** 2).sum() + np.trace(np.cov(features, rowvar=False))
-    assert metrics.frechet_distance_from_features(constant, features) == pytest.approx(expected, rel=1e-4)
+    assert shapes_scores.frechet_distance_from_features(constant, features) == pytest.approx(expected, rel=1e-4)
 
 
 def test_frechet_distance_orders_image_sets(dataset, other_dataset):
     images, other = dataset[0], other_dataset[0]
-    features, other_features = metrics.frechet_features(images), metrics.frechet_features(other)
+    features, other_features = shapes_scores.frechet_features(images), shapes_scores.frechet_features(other)
     assert np.all((features >= 0.0) & (features <= 1.0))
-    fd = metrics.frechet_distance_from_features
+    fd = shapes_scores.frechet_distance_from_features
     assert fd(features, features) == pytest.approx(0.0, abs=1e-6)
     independent = fd(features, other_features)
-    blurred = fd(features, metrics.frechet_features(to_uint8(gaussian_blur(other, 1.5))))
-    constant = metrics.frechet_distance(images[:60], np.full_like(other[:60], 90))
+    blurred = fd(features, shapes_scores.frechet_features(to_uint8(gaussian_blur(other, 1.5))))
+    constant = shapes_scores.frechet_distance(images[:60], np.full_like(other[:60], 90))
     assert independent < 0.2
     assert blurred > 2.5 * independent
     assert constant > 10.0 * independent
@@ -209,7 +209,7 @@ def test_coverage_distance_of_true_and_collapsed_generators():
     n = {p: 24 * shapes.open_choices(p) for p in prompts}
     true = np.concatenate([_renders_of(p, n[p], i) for i, p in enumerate(prompts)])
     captions = [p for p in prompts for _ in range(n[p])]
-    result = metrics.score(true, captions)
+    result = shapes_scores.score(true, captions)
     assert result["open_prompt_accuracy"] == 1.0 and "joint_accuracy" not in result
     noise = np.mean([0.4 * np.sqrt((shapes.open_choices(p) - 1) / n[p]) for p in prompts])
     assert result["coverage_distance"] < 2 * noise, (result, noise)
@@ -217,15 +217,15 @@ def test_coverage_distance_of_true_and_collapsed_generators():
     collapsed = np.concatenate([_renders_of("a circle", n["a circle"], 7, color=0),
                                 _renders_of("a blue shape", n["a blue shape"], 8, shape=1),
                                 _renders_of("a shape", n["a shape"], 9, color=2, shape=2)])
-    result = metrics.score(collapsed, captions)
+    result = shapes_scores.score(collapsed, captions)
     assert result["coverage_distance"] == pytest.approx(np.mean([5 / 6, 2 / 3, 17 / 18]))
     assert result["coverage_by_prompt"] == pytest.approx({"a circle": 5 / 6, "a blue shape": 2 / 3, "a shape": 17 / 18})
 
     blank = np.full((n["a circle"], 32, 32, 3), 80, np.uint8)  # no shape found: an outcome the truth lacks
-    assert metrics.score(blank, ["a circle"] * len(blank))["coverage_distance"] == pytest.approx(1.0)
+    assert shapes_scores.score(blank, ["a circle"] * len(blank))["coverage_distance"] == pytest.approx(1.0)
 
-    mixed = metrics.score(np.concatenate([true[:6], _renders_of("a red square", 6, 3)]),
+    mixed = shapes_scores.score(np.concatenate([true[:6], _renders_of("a red square", 6, 3)]),
                           ["a circle"] * 6 + ["a red square"] * 6)
     assert mixed["joint_accuracy"] == 1.0 and "coverage_distance" in mixed
     with pytest.raises(ValueError):
-        metrics.coverage_distance(metrics.analyze(true[:6]), ["a red square"] * 6)
+        shapes_scores.coverage_distance(shapes_scores.analyze(true[:6]), ["a red square"] * 6)

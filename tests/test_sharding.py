@@ -12,7 +12,7 @@ from swiftbrush_jax.parallel import sharding
 from swiftbrush_jax.config_base import load_config_file
 from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy.tiny_teacher import make_tiny_pipeline
-from swiftbrush_jax.train import build_vsd, frozen_inputs, initial_state
+from swiftbrush_jax.setup import build_vsd, frozen_inputs, initial_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,16 +9,16 @@ import tempfile
 import numpy as np
 import pytest
 
-from swiftbrush_jax import evaluate as ev
+from swiftbrush_jax.evaluators import shapes_suite
 from swiftbrush_jax.files.pipeline import load_pipeline
 from swiftbrush_jax.toy import teacher_arch, teacher_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# DDIM 25 steps, CFG 3, all 28 prompts x 4 seeds per combination: colour 0.986, shape 0.972 (README). The
+# DDIM 25 steps, CFG 3, all 28 prompts x 4 seeds per combination: colour 0.986, shape 0.972 (docs/shapes.md). The
 # test's 12 images (first 6 prompts x 2 seeds) must keep well above chance (1/6, 1/3).
 MIN_TEACHER_COLOR_ACCURACY = 0.9
 MIN_TEACHER_SHAPE_ACCURACY = 0.75
-# The shipped CLIP on 1024 held-out renders: zero-shot accuracy over the 18 specified prompts (README).
+# The shipped CLIP on 1024 held-out renders: zero-shot accuracy over the 18 specified prompts (docs/shapes.md).
 MIN_CLIP_ZERO_SHOT = 0.9
 
 
@@ -111,7 +111,7 @@ def test_shipped_clip_matches_transformers_and_tells_the_prompts_apart():
 
 
 def test_teacher_ddim_draws_the_prompted_colour_and_shape():
-    result = ev.evaluate(teacher_path(), steps=25, guidance=3.0, num_prompts=6, seeds=2)
+    result = shapes_suite.evaluate(teacher_path(), steps=25, guidance=3.0, num_prompts=6, seeds=2)
     assert result["images"].shape == (12, teacher_arch.IMAGE_PX, teacher_arch.IMAGE_PX, 3)
     assert result["color_accuracy"] >= MIN_TEACHER_COLOR_ACCURACY, result
     assert result["shape_accuracy"] >= MIN_TEACHER_SHAPE_ACCURACY, result

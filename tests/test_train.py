@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,60 @@ def test_run_writes_checkpoints_events_and_samples(reference_run):
     assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [f"step_{s:07d}.png" for s in (8, 16, 24)]
     assert "done: 24 steps (to step 24)" in out.stdout
+
+
+def test_a_finished_run_says_what_to_run_next_on_its_workdir(reference_run):
+    """The last lines name the workdir in the commands that sample (the first validation prompt), evaluate
+    (a shapes-prompt config: the shapes suite) and export it, each with flags those commands take."""
+    workdir, out = reference_run
+    lines = out.stdout.strip().splitlines()[-3:]
+    assert lines == [f"next: python -m swiftbrush_jax.sample --model {workdir} --prompt 'a red circle' "
+                     f"--out {workdir}/samples_one_step",
+                     f"      python -m swiftbrush_jax.evaluate --suite shapes --model {workdir}",
+                     f"      python -m swiftbrush_jax.export --workdir {workdir} --out {workdir}/exported"], lines
+    from swiftbrush_jax import evaluate, export, sample
+
+    assert sample.parse_args(shlex.split(lines[0])[4:]).prompt == ["a red circle"]
+    assert export.parse_args(shlex.split(lines[2])[3:]).workdir == str(workdir)
+    assert evaluate.parse_args(shlex.split(lines[1])[3:]).suite == "shapes"
+
+
+def test_sample_grids_are_enlarged_for_viewing(reference_run):
+    """The tiny teacher's 16 px images, nearest-neighbour to 128 px (sample_grid_min_px): 2 prompts wide, the
+    student's row over the EMA's."""
+    from PIL import Image
+
+    grid = np.asarray(Image.open(os.path.join(reference_run[0], "samples", "step_0000024.png")))
+    assert grid.shape == (2 * 128, 2 * 128, 3)
+    raw = grid[::8, ::8]
+    np.testing.assert_array_equal(grid, raw.repeat(8, axis=0).repeat(8, axis=1))  # 8 x 8 blocks: no new values
+    assert len(np.unique(raw.reshape(-1, 3), axis=0)) > 16  # images, not a flat fill
+
+
+def test_upscaled_is_nearest_by_the_smallest_whole_factor():
+    from swiftbrush_jax.generate import upscaled
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    big = upscaled(images, 128)
+    assert big.shape == (3, 128, 192, 3)  # 16 px -> 128: 8x, both sides
+    np.testing.assert_array_equal(big[:, ::8, ::8], images)
+    np.testing.assert_array_equal(upscaled(images, 130)[:, ::9, ::9], images)  # rounds the factor up
+    for min_px in (0, 16, 10):  # 0: raw size; already large enough: unchanged
+        assert upscaled(images, min_px) is images
+
+
+def test_a_workdir_from_before_the_grid_flag_resumes():
+    """sample_grid_min_px only changes how grids are viewed: a checkpoint without it, or with another value, resumes."""
+    from swiftbrush_jax.config_base import load_config_file
+    from swiftbrush_jax.files import checkpoint as ckpt
+
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    saved = ckpt.config_record(config)
+    del saved["sample_grid_min_px"]
+    assert ckpt.config_changes(saved, config) == (["sample_grid_min_px: '<absent>' -> 128"], [])
+    saved = ckpt.config_record(config)
+    config.sample_grid_min_px = 0
+    assert ckpt.config_changes(saved, config) == (["sample_grid_min_px: 128 -> 0"], [])
 
 
 def test_sigterm_then_resume_is_bitwise_identical(reference_run, tmp_path):

@@ -11,12 +11,14 @@ import torch
 from flax import traverse_util
 
 import reference
+import vsd_calls
 import vsd_reference as ref
 from swiftbrush_jax.lora import SUPPORTED_TARGETS, init_lora
 from swiftbrush_jax.models.unet import load_unet
 from swiftbrush_jax.schedule import NoiseSchedule
-from swiftbrush_jax.toy.tiny_teacher import SD21_SCHEDULER
-from swiftbrush_jax.vsd import VSD, Frozen, Noise, VSDConfig, make_optimizer
+from swiftbrush_jax.models.presets import DDPM_SCHEDULER as SD21_SCHEDULER
+from swiftbrush_jax.optim import make_optimizer
+from swiftbrush_jax.vsd import VSD, Frozen, Noise, VSDConfig
 from swiftbrush_jax.files.weights import params_to_state_dict
 
 RANK, ALPHA, B, HW = 4, 8.0, 2, 8
@@ -70,7 +72,7 @@ def setup(tmp_path_factory):
                   t_vsd=torch.tensor([37, 912]), eps_vsd=torch.randn(B, 4, HW, HW), t_lora=torch.tensor([5, 640]),
                   eps_lora=torch.randn(B, 4, HW, HW), drop_mask=torch.tensor([True, False]))
     return dict(teacher_pt=teacher_pt, student_pt=student_pt, lora_pt_unet=lora_pt_unet, loras=loras, vsd=vsd,
-                grads_fn=jax.jit(vsd.losses_and_grads), update_fn=jax.jit(vsd.apply_grads),
+                grads_fn=vsd_calls.jit_gradients(vsd), update_fn=vsd_calls.jit_update(vsd),
                 teacher=teacher_params, student=student_params, lora=lora, schedule=schedule, inputs=inputs)
 
 
@@ -128,7 +130,7 @@ def test_microbatches_give_the_whole_batch_losses_and_gradients(setup, results):
     _, (want_metrics, want_student, want_lora) = results
     i = s["inputs"]
     chunked = dataclasses.replace(s["vsd"], microbatches=2)
-    metrics, student_grads, lora_grads = jax.jit(chunked.accumulated_losses_and_grads)(
+    metrics, student_grads, lora_grads = vsd_calls.jit_gradients(chunked)(
         s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
         jax_noise(i))
     assert set(metrics) == set(want_metrics) == {"loss_student", "loss_lora", "x0_std"}
@@ -194,7 +196,7 @@ def test_variant_matches_reference(setup, variant):
     schedule = NoiseSchedule.from_config({**SD21_SCHEDULER, "prediction_type": prediction_type})
     vsd = dataclasses.replace(s["vsd"], schedule=schedule, config=dataclasses.replace(s["vsd"].config, **overrides))
     i = s["inputs"]
-    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+    metrics, student_grads, lora_grads = vsd_calls.jit_gradients(vsd)(
         s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
         jax_noise(i))
     expected = ref.vsd_step_reference(s["student_pt"], s["teacher_pt"], s["lora_pt_unet"], i["cond"], i["uncond"],
@@ -273,7 +275,7 @@ def test_learning_rate_follows_the_state_step(setup):
     grads = jax.tree_util.tree_map(jnp.ones_like, s["student"])
     zero_lora = jax.tree_util.tree_map(jnp.zeros_like, s["lora"])
     metrics = {"loss_student": jnp.float32(1), "loss_lora": jnp.float32(1)}
-    new, _ = jax.jit(vsd.apply_grads)(state, grads, zero_lora, metrics, state.rng)
+    new, _ = vsd_calls.jit_update(vsd)(state, grads, zero_lora, metrics, state.rng)
     old, moved = jax.tree_util.tree_leaves(state.student)[0], jax.tree_util.tree_leaves(new.student)[0]
     np.testing.assert_allclose(np.asarray(old - moved), lr * 5 / 10, rtol=1e-3)
 
@@ -395,6 +397,48 @@ def test_two_time_scale_lora_updates(setup):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_two_time_scale_updates_in_microbatches(setup):
+    """Two time-scale updates and microbatches combine: the whole train step with lora_updates_per_step = 3 in 2
+    chunks gives the metrics and the updates of the step on the whole batch at once. Plain gradient steps (SGD)
+    make each update a multiple of the gradient, which Adam's first step, lr g / |g|, would hide."""
+    s = setup
+    text = nn_text_encoder(jnp.asarray(s["inputs"]["cond"].numpy()))
+    frozen = Frozen(teacher=s["teacher"], text={}, uncond=jnp.asarray(s["inputs"]["uncond"].numpy()))
+    sgd = lambda lr: optax.with_extra_args_support(optax.sgd(lr))
+    states, outs = [], []
+    for k in (1, 2):
+        vsd = dataclasses.replace(s["vsd"], config=VSDConfig(lora_updates_per_step=3), microbatches=k,
+                                  text_encoder=text, student_tx=sgd(1.0), lora_tx=sgd(100.0))
+        state = vsd.init_state(jax.random.PRNGKey(0), s["student"], s["lora"])
+        new, metrics = jax.jit(vsd.train_step)(state, frozen, jnp.arange(B))
+        states.append(new)
+        outs.append(metrics)
+    assert bool(outs[1]["finite"]) and int(states[1].step) == 1
+    for name in ("loss_student", "loss_lora", "loss_lora_extra", "x0_std"):
+        np.testing.assert_allclose(float(outs[1][name]), float(outs[0][name]), rtol=5e-5, err_msg=name)
+    before = jax.tree_util.tree_leaves((s["student"], s["lora"]))
+    for (path, a), b, start in zip(jax.tree_util.tree_leaves_with_path((states[1].student, states[1].lora)),
+                                   jax.tree_util.tree_leaves((states[0].student, states[0].lora)), before):
+        chunked_update, whole_update = np.asarray(a) - np.asarray(start), np.asarray(b) - np.asarray(start)
+        # Each update is read back from float32 weights: up to an ulp of each weight (1.2e-7 relative) is rounding.
+        gap = np.linalg.norm(chunked_update - whole_update)
+        assert gap <= 5e-4 * np.linalg.norm(whole_update) + 2.4e-7 * np.linalg.norm(start), jax.tree_util.keystr(path)
+    assert rel(jax.tree_util.tree_leaves(states[1].lora)[0], jax.tree_util.tree_leaves(s["lora"])[0]) > 1e-4
+
+
+def nn_text_encoder(embeddings):
+    """A text encoder that returns fixed prompt embeddings, row i for token ids i: the step's own code path
+    from token ids on, with the test's embeddings."""
+    import flax.linen as nn
+
+    class FixedEmbeddings(nn.Module):
+        @nn.compact
+        def __call__(self, token_ids):
+            return embeddings[token_ids]
+
+    return FixedEmbeddings()
+
+
 def test_lora_student_matches_reference(setup):
     """A LoRA student (rank 2 on every layer that takes one: q/k/v/out, the feed-forward, the transformers' 1x1
     convolutions in and out, the resnets' 1x1 shortcuts and time projections, the time embedding; adapters
@@ -417,7 +461,7 @@ def test_lora_student_matches_reference(setup):
     teacher_unet = s["vsd"].teacher_unet
     vsd = dataclasses.replace(s["vsd"], student_unet=teacher_unet.clone(lora_scale=alpha / rank), lora_student=True)
     student = flat_to_lora(flat, init_lora(jax.random.PRNGKey(0), s["teacher"], rank, targets))
-    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+    metrics, student_grads, lora_grads = vsd_calls.jit_gradients(vsd)(
         student, s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
         jax_noise(i))
     np.testing.assert_allclose(float(metrics["loss_student"]), expected["loss_student"], rtol=2e-4)
@@ -468,7 +512,7 @@ def test_clip_loss_matches_reference(setup, results, tmp_path):
                               clip_decode=lambda p, x: taesd.apply({"params": p}, x, method="decode"))
     clip_inputs = ({"model": clip_params, "decoder": taesd_params}, jnp.asarray(ids.numpy(), jnp.int32),
                    jnp.float32(weight))
-    metrics, student_grads, lora_grads = jax.jit(vsd.losses_and_grads)(
+    metrics, student_grads, lora_grads = vsd_calls.jit_gradients(vsd)(
         s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
         jax_noise(i), clip_inputs)
     assert expected["loss_clip"] > 0
@@ -486,7 +530,7 @@ def test_clip_loss_matches_reference(setup, results, tmp_path):
 
     # In microbatches each chunk scores its own images against its own prompts: the whole batch's values.
     chunked = dataclasses.replace(vsd, microbatches=2)
-    chunk_metrics, chunk_student, chunk_lora = jax.jit(chunked.accumulated_losses_and_grads)(
+    chunk_metrics, chunk_student, chunk_lora = vsd_calls.jit_gradients(chunked)(
         s["student"], s["lora"], s["teacher"], jnp.asarray(i["cond"].numpy()), jnp.asarray(i["uncond"].numpy()),
         jax_noise(i), clip_inputs)
     assert set(chunk_metrics) == set(metrics)

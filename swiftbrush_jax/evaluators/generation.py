@@ -54,25 +54,24 @@ def generate(sampler, latent_shape, prompts: Sequence[str], out: str, seed: int,
     from tqdm import tqdm
 
     from ..generate import to_uint8
-    from ..sample import seeded_noise
+    from ..sample import SeededNoise
 
     os.makedirs(os.path.join(out, IMAGES_FOLDER), exist_ok=True)
     done = read_manifests(out)
     todo = [i for i in indices if i not in done]
+    noise = SeededNoise([seed + i for i in todo], latent_shape)
     with open(manifest, "a", encoding="utf-8") as log, tqdm(total=len(indices), initial=len(indices) - len(todo),
                                                            desc="generating", unit="img") as bar:
-        for start in range(0, len(todo), sampler.batch_size):
-            batch = todo[start:start + sampler.batch_size]
-            images = sampler([prompts[i] for i in batch], seeded_noise([seed + i for i in batch], latent_shape))
-            for index, image in zip(batch, images):
-                name = os.path.join(IMAGES_FOLDER, f"{index:05d}.png")
-                partial = os.path.join(out, name + ".partial.png")
-                Image.fromarray(to_uint8(image)).save(partial)
-                os.replace(partial, os.path.join(out, name))
-                log.write(json.dumps({"index": index, "prompt": prompts[index], "file": name, "seed": seed + index},
-                                     ensure_ascii=False) + "\n")
+        for position, image in sampler.images([prompts[i] for i in todo], noise):
+            index = todo[position]
+            name = os.path.join(IMAGES_FOLDER, f"{index:05d}.png")
+            partial = os.path.join(out, name + ".partial.png")
+            Image.fromarray(to_uint8(image)).save(partial)
+            os.replace(partial, os.path.join(out, name))
+            log.write(json.dumps({"index": index, "prompt": prompts[index], "file": name, "seed": seed + index},
+                                 ensure_ascii=False) + "\n")
             log.flush()
-            bar.update(len(batch))
+            bar.update(1)
     return len(todo)
 
 

@@ -17,6 +17,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..errors import UsageError
+from ..files import storage
 
 COCO_SAMPLE_SEED = 2014
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -25,13 +26,7 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 def _read_json(path: str, what: str):
     if not path:
         raise UsageError(f"{what}: no file given")
-    if not os.path.isfile(path):
-        raise UsageError(f"{what}: {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{what}: {path} is not JSON ({e})") from None
+    return storage.read_json(path, UsageError, what)
 
 
 def coco_captions(path: str) -> Dict[int, List[str]]:

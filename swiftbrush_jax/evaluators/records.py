@@ -6,6 +6,7 @@ import socket
 from typing import Dict, List, Sequence
 
 from ..errors import UsageError
+from ..files import storage
 
 # The paper's order of HPSv2 styles, and the record's keys for them.
 HPS_COLUMNS = (("anime", "anime"), ("photo", "photo"), ("concept", "concept-art"), ("painting", "paintings"))
@@ -41,13 +42,7 @@ def write_record(path: str, record: Dict) -> None:
 def read_records(paths: Sequence[str]) -> List[Dict]:
     records = []
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"--table {path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--table {path} is not JSON ({e})") from None
+        record = storage.read_json(path, UsageError, "--table")
         if not isinstance(record, dict) or record.get("suite") not in ("coco2014", "hps"):
             raise UsageError(f"--table {path} is not a record written by --suite coco2014 or --suite hps")
         records.append(record)
@@ -69,13 +64,19 @@ def _cell(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the one writer of every evaluation table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(records: Sequence[Dict], paper_rows: bool = True) -> str:
     """Our records' rows, then (unless paper_rows is False) the papers' rows: FID, CLIP score, HPSv2 per style."""
     header = ["method", "steps", "FID-30K", "CLIP"] + [f"HPSv2 {name}" for name, _ in HPS_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ours = [(row, 4) for row in merge_by_model(records)]  # the papers print CLIP to 2 decimals
+    rows = []
     for row, clip_digits in ours + [(row, 2) for row in (PAPER_ROWS if paper_rows else ())]:
         hps = row.get("hpsv2", {})
         cells = [row["method"], str(row["steps"]), _cell(row.get("fid"), 2), _cell(row.get("clip_score"), clip_digits)]
-        lines.append("| " + " | ".join(cells + [_cell(hps.get(style), 2) for _, style in HPS_COLUMNS]) + " |")
-    return "\n".join(lines)
+        rows.append(cells + [_cell(hps.get(style), 2) for _, style in HPS_COLUMNS])
+    return markdown(header, rows)

@@ -33,7 +33,7 @@ from . import storage
 CHANGEABLE_ON_RESUME = (
     "prompts", "prompt_column", "validation_prompts", "total_steps", "log_every", "checkpoint_every",
     "keep_checkpoints", "sample_every", "max_consecutive_skips", "mesh.*", "remat", "attention_query_block",
-    "attention_implementation", "peer_timeout_s",
+    "attention_implementation", "peer_timeout_s", "sample_grid_min_px",
     "microbatches", "vsd.lora_updates_per_step", "teacher_dtype", "student_compute_dtype", "score_dtype", "score_precision",
     "score_matmuls", "score_pair",
     "*_optimizer.lr", "*_optimizer.warmup_steps", "*_optimizer.decay_steps", "*_optimizer.weight_decay",

@@ -5,7 +5,6 @@ Only what the project needs is fetched from the Hub: each component's
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -68,16 +67,6 @@ def component_dir(root: str, name: str) -> str:
     return path
 
 
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path} is not valid JSON ({e})") from None
-
-
 def load_tokenizer(folder: str):
     """The CLIP tokenizer from transformers (tokenizer code only; no model code is used)."""
     from transformers import CLIPTokenizer
@@ -137,7 +126,8 @@ def load_pipeline(
     dirs = {name: component_dir(root, name) for name in components}
     pipe = StableDiffusion(root=root)
     if "scheduler" in dirs:
-        pipe.schedule = NoiseSchedule.from_config(read_json(os.path.join(dirs["scheduler"], "scheduler_config.json")))
+        scheduler_config = os.path.join(dirs["scheduler"], "scheduler_config.json")
+        pipe.schedule = NoiseSchedule.from_config(storage.read_json(scheduler_config, PipelineError))
     if "tokenizer" in dirs:
         pipe.tokenizer = load_tokenizer(dirs["tokenizer"])
     if "text_encoder" in dirs:

@@ -18,6 +18,7 @@ a folder without it is incomplete.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -97,6 +98,19 @@ def open_file(p, mode: str = "rb"):
 
 def read_bytes(p) -> bytes:
     return path(p).read_bytes()
+
+
+def read_json(p, error=ValueError, what: str = ""):
+    """A local JSON file (a config.json, a prompt set, a record); a missing or malformed one raises ``error``
+    with one line naming it, after ``what`` (the flag or thing it was given as) where there is one."""
+    name = f"{what} {p}" if what else str(p)
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{name} is not valid JSON ({e})") from None
 
 
 def write_bytes(p, data: bytes) -> None:

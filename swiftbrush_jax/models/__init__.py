@@ -5,9 +5,9 @@ diffusers module paths (the Flax module named ``down_blocks.0`` is diffusers' ``
 so that ``swiftbrush_jax.files.weights`` converts by rule, not by table.
 """
 
-import json
 import os
 
+from ..files import storage
 from ..files.weights import WeightsError
 
 
@@ -17,11 +17,4 @@ class UnsupportedConfigError(ValueError):
 
 def read_config(folder: str) -> dict:
     """A component folder's ``config.json``; a missing or malformed file is a WeightsError naming it."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise WeightsError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    return storage.read_json(os.path.join(folder, "config.json"), WeightsError)

@@ -9,7 +9,7 @@ a class token and learned positions, a pre-norm, the same encoder blocks
 without the causal mask, the class token's post-norm and projection. The
 module tree mirrors transformers' ``CLIPModel``, so parameter paths joined by
 dots are its state-dict keys (OpenCLIP checkpoints convert to that layout with
-``paper_eval.clip_models.openclip_to_transformers``).
+``evaluators.clip_scorers.openclip_to_transformers``).
 """
 
 import dataclasses

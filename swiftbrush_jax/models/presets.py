@@ -1,16 +1,18 @@
-"""Stable Diffusion 2.1-base's component configs, written out, for planning without its weights.
+"""Architecture presets: Stable Diffusion 2.1-base written out, the tiny smoke-test pipeline, and the one DDPM
+schedule both of them (and the shapes teacher, swiftbrush_jax.toy.teacher_arch) train with.
 
-These are the ``config.json`` / ``scheduler_config.json`` dicts of the
-``stable-diffusion-2-1-base`` diffusers folder, so that memory and
-FLOP planning (``swiftbrush_jax.plan``) and the random-weight benchmarks can
-build SD 2.1-shaped models on a machine that has never downloaded it; beside
-them, the two frozen towers of SwiftBrush v2's CLIP loss that
-``configs/sd21_v2.py:b`` names (CLIP ViT-B/32 and TAESD), for the same use.
+The SD 2.1 dicts are the ``config.json`` / ``scheduler_config.json`` files of
+the ``stable-diffusion-2-1-base`` diffusers folder, so that memory and FLOP
+planning (``swiftbrush_jax.plan``) and the random-weight benchmarks can build
+SD 2.1-shaped models on a machine that has never downloaded it; beside them,
+the two frozen towers of SwiftBrush v2's CLIP loss that ``configs/sd21_v2.py:b``
+names (CLIP ViT-B/32 and TAESD), for the same use.
 """
 
 import os
 
-from ..files.pipeline import read_json
+from ..files import storage
+from ..files.pipeline import PipelineError
 
 UNET = {
     "_class_name": "UNet2DConditionModel",
@@ -68,9 +70,9 @@ VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
-# The folder ships a PNDMScheduler config; its betas are the DDPM training schedule of docs/method.md §2.
-SCHEDULER = {
-    "_class_name": "PNDMScheduler",
+# SD 2.1's noise schedule, the DDPM training schedule of docs/method.md §2: scaled_linear betas 0.00085..0.012
+# over 1000 steps, epsilon prediction.
+_SD21_BETAS = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -78,10 +80,12 @@ SCHEDULER = {
     "num_train_timesteps": 1000,
     "prediction_type": "epsilon",
     "set_alpha_to_one": False,
-    "skip_prk_steps": True,
     "steps_offset": 1,
-    "trained_betas": None,
 }
+# The folder ships it as a PNDMScheduler config.
+SCHEDULER = {"_class_name": "PNDMScheduler", **_SD21_BETAS, "skip_prk_steps": True, "trained_betas": None}
+# The same schedule as the DDPMScheduler config that the tiny pipeline and the shapes teacher are written with.
+DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", **_SD21_BETAS, "timestep_spacing": "leading"}
 
 SD21_BASE = {"unet": UNET, "text_encoder": TEXT_ENCODER, "vae": VAE, "scheduler": SCHEDULER}
 
@@ -100,11 +104,29 @@ CLIP_VIT_B32 = {
 TAESD = {"_class_name": "AutoencoderTiny"}
 
 
+# The tiny random SD-2.1-shaped pipeline (swiftbrush_jax.toy.tiny_teacher, configs/tiny.py): every code path of a
+# real teacher (per-block head counts, dense projections, gelu text encoder, the DDPM schedule) at a size that
+# trains in seconds.
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4), cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 hidden_act="gelu", max_position_embeddings=77, projection_dim=32)
+# The words of the tiny pipeline's tokenizer.
+TINY_CORPUS = ["a photo of a cat", "a painting of a lighthouse at dusk", "an astronaut riding a horse",
+               "a bowl of fruit on a table"] + [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "magenta",
+                                                                       "cyan") for s in ("circle", "square", "triangle")]
+
+
 def read_folder_configs(root: str) -> dict:
     """The same four dicts read from a diffusers pipeline folder on disk."""
     return {
-        "unet": read_json(os.path.join(root, "unet", "config.json")),
-        "text_encoder": read_json(os.path.join(root, "text_encoder", "config.json")),
-        "vae": read_json(os.path.join(root, "vae", "config.json")),
-        "scheduler": read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
+        name: storage.read_json(os.path.join(root, name, file), PipelineError)
+        for name, file in (("unet", "config.json"), ("text_encoder", "config.json"), ("vae", "config.json"),
+                           ("scheduler", "scheduler_config.json"))
     }

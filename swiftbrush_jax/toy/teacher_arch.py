@@ -9,6 +9,8 @@ a shape's colour and outline are decided; a 2-layer CLIP text encoder over a
 is what diffusers/transformers read from config.json.
 """
 
+from ..models.presets import DDPM_SCHEDULER
+
 IMAGE_PX = 32
 LATENT_PX = 16
 MAX_TOKENS = 16
@@ -40,12 +42,7 @@ UNET = dict(
 )
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             hidden_act="gelu", max_position_embeddings=MAX_TOKENS, projection_dim=64)
-# SD 2.1's scheduler (DDPM, scaled_linear 0.00085..0.012, 1000 steps, epsilon).
-SCHEDULER = {
-    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
-    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
-}
+SCHEDULER = DDPM_SCHEDULER  # SD 2.1's schedule
 # The world's CLIP (SwiftBrush v2's CLIP loss, docs/method.md §6): transformers' CLIPModel at laptop size. Its
 # text tower is the teacher text encoder's architecture over the same tokenizer (the loss scores the student's
 # images against the prompt's token ids); its image tower a ViT over the 32 px renders in 4 px patches.
