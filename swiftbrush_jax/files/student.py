@@ -24,7 +24,7 @@ from ..models import read_config
 from ..models.unet import UNet2DConditionModel, UNetConfig, load_unet, unet_param_shapes
 from .pipeline import PipelineError, resolve
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # swiftbrush_jax/
 
 
 def _inside(path: str, folder: str) -> bool:
