@@ -12,11 +12,11 @@ import pytest
 import torch
 from flax import traverse_util
 
-from reference import UNET_CONFIGS, make_unet
+from reference import UNET_CONFIGS, make_unet, randomize
 from swiftbrush_jax.files import weights
 from swiftbrush_jax.models import UnsupportedConfigError
 from swiftbrush_jax.models.layers import AttentionOptions, attention
-from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers
+from swiftbrush_jax.models.unet import UNetConfig, load_unet, unet_config_to_diffusers, unet_param_shapes
 
 # XLA's CPU optimisations cost more compile time than these tiny forwards ever take.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -32,6 +32,39 @@ SD21_BASE_CONFIG = {  # unet/config.json of stable-diffusion-2-1-base
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "upcast_attention": False, "use_linear_projection": True,
+}
+
+
+# SDXL's traits in small: no attention in the first down block, transformer_layers_per_block per block (the mid
+# block takes the last, the up blocks the reverse), uneven layers_per_block, addition_embed_type="text_time" with
+# 6 time ids of addition_time_embed_dim 8 after a pooled text embedding of 16.
+SDXL_TINY = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=(1, 2, 1),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=40,
+    use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8, upcast_attention=None,
+)
+SDXL_TEXT_EMBEDS = 16
+
+SDXL_BASE_CONFIG = {  # unet/config.json of stable-diffusion-xl-base-1.0
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None,
+    "only_cross_attention": False, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
 }
 
 
@@ -62,6 +95,46 @@ def build_case(kind, tmp_path_factory):
         expected=ref.sample.numpy().transpose(0, 2, 3, 1), ours=run(model, {"params": params}, inputs))
 
 
+def sdxl_conditioning(seed):
+    """(text_embeds, time_ids): a pooled embedding and SDXL's micro-conditioning (original size, crop top-left,
+    target size), different per row."""
+    text_embeds = np.random.default_rng(seed).standard_normal((2, SDXL_TEXT_EMBEDS)).astype(np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 16, 32, 512, 512]], np.float32) + 8 * seed
+    return text_embeds, time_ids
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """The tiny SDXL-shaped UNet: diffusers' outputs for three conditionings (base, other text_embeds, other
+    time_ids) and ours, compiled once."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch_unet = randomize(TorchUNet(**SDXL_TINY), 0)
+    folder = str(tmp_path_factory.mktemp("sdxl"))
+    torch_unet.save_pretrained(folder, safe_serialization=True)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    t = np.array([3, 761])
+    context = rng.standard_normal((2, 7, SDXL_TINY["cross_attention_dim"])).astype(np.float32)
+    base_text, base_ids = sdxl_conditioning(0)
+    other_text, other_ids = sdxl_conditioning(1)
+    conditionings = {"base": (base_text, base_ids), "text_embeds": (other_text, base_ids),
+                     "time_ids": (base_text, other_ids)}
+    model, params = load_unet(folder)
+    forward = jax.jit(lambda p, x, t, c, te, ti: model.apply({"params": p}, x, t, c, text_embeds=te, time_ids=ti))
+    expected, ours = {}, {}
+    for name, (text_embeds, time_ids) in conditionings.items():
+        with torch.no_grad():
+            ref = torch_unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context),
+                             added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                                "time_ids": torch.from_numpy(time_ids)})
+        expected[name] = ref.sample.numpy().transpose(0, 2, 3, 1)
+        ours[name] = np.asarray(forward(params, x, t, context, text_embeds, time_ids))
+    return SimpleNamespace(folder=folder, torch_unet=torch_unet, model=model, params=params,
+                           inputs=(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)),
+                           conditionings=conditionings, expected=expected, ours=ours)
+
+
 @pytest.fixture(scope="module")
 def sd21(tmp_path_factory):
     return build_case("sd21", tmp_path_factory)
@@ -81,6 +154,60 @@ def test_unet_parity_float32(kind, request):
     case = request.getfixturevalue(kind)
     assert case.ours.shape == case.expected.shape == (2, 16, 16, 4)
     assert relative_error(case.ours, case.expected) <= 1e-4
+
+
+def test_sdxl_unet_parity_float32(sdxl):
+    """Equal to diffusers for each conditioning, and each of text_embeds and time_ids moves the output (a port
+    that dropped either, or the whole add_embedding, would match at most one of them)."""
+    for name in sdxl.conditionings:
+        assert sdxl.ours[name].shape == (2, 16, 16, 4)
+        assert relative_error(sdxl.ours[name], sdxl.expected[name]) <= 1e-4, name
+    for name in ("text_embeds", "time_ids"):
+        assert relative_error(sdxl.expected[name], sdxl.expected["base"]) > 1e-2, name
+
+
+def test_sdxl_unet_config_reads_sdxl_fields(sdxl):
+    config = sdxl.model.config
+    assert config.addition_embed_type == "text_time" and config.addition_time_embed_dim == 8
+    assert config.projection_class_embeddings_input_dim == 64 and config.transformer_layers_per_block == (1, 1, 2)
+    assert config.down_block_types[0] == "DownBlock2D" and not config.upcast_attention
+    assert "add_embedding.linear_1" in sdxl.params and "add_time_proj" not in sdxl.params  # the sinusoid has none
+    # the mid block's transformer takes the last block's depth, the up blocks the reverse order
+    mid = sdxl.params["mid_block"]["attentions.0"]
+    assert sorted(k for k in mid if k.startswith("transformer_blocks")) == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert "transformer_blocks.1" in sdxl.params["up_blocks.0"]["attentions.0"]
+    assert "transformer_blocks.1" not in sdxl.params["up_blocks.1"]["attentions.0"]
+
+
+def test_sdxl_unet_needs_its_added_conditioning(sdxl, sd15):
+    x, t, context = sdxl.inputs
+    text_embeds, time_ids = sdxl.conditionings["base"]
+    with pytest.raises(ValueError, match="pass text_embeds and time_ids"):
+        sdxl.model.apply({"params": sdxl.params}, x, t, context)
+    with pytest.raises(ValueError, match="pass time_ids"):
+        sdxl.model.apply({"params": sdxl.params}, x, t, context, text_embeds=text_embeds)
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim is 64"):
+        sdxl.model.apply({"params": sdxl.params}, x, t, context, text_embeds=text_embeds, time_ids=time_ids[:, :5])
+    with pytest.raises(ValueError, match="without addition_embed_type='text_time'"):
+        sd15.model.apply({"params": sd15.params}, *sd15.inputs, text_embeds=text_embeds, time_ids=time_ids)
+
+
+def test_sdxl_base_config_builds_diffusers_tensors():
+    """The full-size SDXL UNet's parameter tree (abstract here, on torch's meta device there: nothing allocated)
+    has exactly diffusers' tensors: (1, 2, 10) transformer layers, 10 in the mid block, (10, 2, 1) up, width 2048."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    config = UNetConfig.from_diffusers(SDXL_BASE_CONFIG)
+    assert config.transformer_layers_per_block == (1, 2, 10) and config.num_attention_heads == (5, 10, 20)
+    assert config.cross_attention_dim == 2048 and config.projection_class_embeddings_input_dim == 2816
+    with torch.device("meta"):
+        torch_unet = TorchUNet.from_config(SDXL_BASE_CONFIG)
+    expected = {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()}
+    # broadcast views and their transposes: shapes in torch's layout, no memory
+    ours = {weights.torch_name(path): weights.to_torch_layout(path[-1], np.broadcast_to(np.int8(0), v.shape)).shape
+            for path, v in traverse_util.flatten_dict(unet_param_shapes(config)).items()}
+    assert ours == expected
+    assert sum(np.prod(s) for s in expected.values()) > 2.5e9
 
 
 def test_unet_remat_full_parity(sd15):
@@ -132,8 +259,8 @@ def test_unet_lora_adapters_on_q_and_v(sd15):
     assert np.abs(np.asarray(nonzero_up) - sd15.ours).max() > 1e-3
 
 
-def test_config_round_trip_and_diffusers_builds_the_same_tensors(sd21, sd15):
-    for case in (sd21, sd15):
+def test_config_round_trip_and_diffusers_builds_the_same_tensors(sd21, sd15, sdxl):
+    for case in (sd21, sd15, sdxl):
         config = UNetConfig.from_diffusers(dict(case.torch_unet.config))
         exported = unet_config_to_diffusers(config)
         assert UNetConfig.from_diffusers(json.loads(json.dumps(exported))) == config
@@ -152,7 +279,10 @@ def test_sd21_base_config_reads_head_counts():
 
 
 @pytest.mark.parametrize("key, value, named", [
-    ("addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+    ("addition_embed_type", "text_image", "addition_embed_type='text_image'"),
+    ("addition_embed_type", "text_time", "addition_time_embed_dim=None"),  # SDXL's without its dims
+    ("addition_time_embed_dim", 256, "addition_time_embed_dim=256"),  # without addition_embed_type
+    ("reverse_transformer_layers_per_block", [[1, 1, 1]] * 4, "reverse_transformer_layers_per_block"),
     ("time_cond_proj_dim", 256, "time_cond_proj_dim=256"),
     ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift'"),
     ("conv_in_kernel", 1, "conv_in_kernel=1"),

@@ -1,4 +1,9 @@
-"""Flax port of diffusers' ``UNet2DConditionModel`` as Stable Diffusion 1.x/2.x use it (NHWC).
+"""Flax port of diffusers' ``UNet2DConditionModel`` as Stable Diffusion 1.x/2.x and SDXL use it (NHWC).
+
+SDXL's extra conditioning is diffusers' ``addition_embed_type="text_time"``: the
+micro-conditioning ``time_ids`` (original size, crop corner, target size) through the
+sinusoidal ``add_time_proj``, concatenated after the pooled text embedding
+``text_embeds``, through ``add_embedding`` and added to the timestep embedding.
 
 Every submodule is named after its diffusers module path segment
 (``down_blocks.1`` > ``attentions.0`` > ``transformer_blocks.0`` > ``attn2`` > ``to_q``),
@@ -23,14 +28,14 @@ CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 MID_BLOCK = "UNetMidBlock2DCrossAttn"
 REMAT_MODES = ("none", "full", "dots")
 
-# diffusers options that must keep the value SD 1.x/2.x use: key -> (accepted values, who uses others).
+TEXT_TIME = "text_time"  # SDXL's addition_embed_type
+
+# diffusers options that must keep the value SD 1.x/2.x/SDXL use: key -> (accepted values, who uses others).
 _FIXED_OPTIONS = {
     "mid_block_type": ((MID_BLOCK,), ""),
-    "addition_embed_type": ((None,), "SDXL / Kandinsky"),
-    "addition_time_embed_dim": ((None,), "SDXL"),
+    "addition_embed_type": ((None, TEXT_TIME), "Kandinsky / DeepFloyd IF"),
     "class_embed_type": ((None,), "class-conditioned UNets"),
     "num_class_embeds": ((None,), "class-conditioned UNets"),
-    "projection_class_embeddings_input_dim": ((None,), "SDXL"),
     "class_embeddings_concat": ((False,), "class-conditioned UNets"),
     "encoder_hid_dim": ((None,), "DeepFloyd IF / Kandinsky"),
     "encoder_hid_dim_type": ((None,), "DeepFloyd IF / Kandinsky"),
@@ -57,7 +62,7 @@ _FIXED_OPTIONS = {
 def _unsupported(key: str, value, why: str = "") -> UnsupportedConfigError:
     note = f" ({why})" if why else ""
     return UnsupportedConfigError(
-        f"unet/config.json: {key}={value!r} is not supported{note}; supported: SD 1.x/2.x UNets"
+        f"unet/config.json: {key}={value!r} is not supported{note}; supported: SD 1.x/2.x and SDXL UNets"
     )
 
 
@@ -72,12 +77,13 @@ def _per_block(d: dict, key: str, default, n: int) -> Tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """The architecture of an SD 1.x/2.x UNet, normalised to one value per down block.
+    """The architecture of an SD 1.x/2.x or SDXL UNet, normalised to one value per down block.
 
     ``num_attention_heads`` is the true head count per block (diffusers' legacy
     ``attention_head_dim`` key already resolved); head size = channels / heads.
     Field defaults are SD 2.1-base's; ``from_diffusers`` fills absent keys with
-    diffusers' own defaults instead, as diffusers would.
+    diffusers' own defaults instead, as diffusers would. ``addition_embed_type``
+    is None (SD 1.x/2.x) or ``"text_time"`` (SDXL, with its two dims set).
     """
 
     down_block_types: Tuple[str, ...] = (CROSS_ATTN_DOWN,) * 3 + (PLAIN_DOWN,)
@@ -98,6 +104,9 @@ class UNetConfig:
     use_linear_projection: bool = True
     upcast_attention: bool = False
     mid_block_scale_factor: float = 1.0
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "UNetConfig":
@@ -130,6 +139,13 @@ class UNetConfig:
         cross_dims = set(_per_block(d, "cross_attention_dim", 1280, n))
         if len(cross_dims) != 1:
             raise _unsupported("cross_attention_dim", d["cross_attention_dim"], "one text encoder width for all blocks")
+        addition = d.get("addition_embed_type")
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            value = d.get(key)
+            if addition is None and value is not None:
+                raise _unsupported(key, value, "only with addition_embed_type='text_time' (SDXL)")
+            if addition == TEXT_TIME and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise _unsupported(key, value, "addition_embed_type='text_time' needs a positive int")
         return cls(
             down_block_types=down,
             up_block_types=up,
@@ -147,8 +163,11 @@ class UNetConfig:
             norm_num_groups=d.get("norm_num_groups", 32),
             norm_eps=d.get("norm_eps", 1e-5),
             use_linear_projection=d.get("use_linear_projection", False),
-            upcast_attention=d.get("upcast_attention", False),
+            upcast_attention=bool(d.get("upcast_attention") or False),  # SDXL's config.json has null
             mid_block_scale_factor=d.get("mid_block_scale_factor", 1.0),
+            addition_embed_type=addition,
+            addition_time_embed_dim=d.get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
         )
 
 
@@ -181,6 +200,9 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "act_fn": "silu",
         "downsample_padding": 1,
         "resnet_time_scale_shift": "default",
+        "addition_embed_type": config.addition_embed_type,
+        "addition_time_embed_dim": config.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": config.projection_class_embeddings_input_dim,
     }
 
 
@@ -367,6 +389,11 @@ class UpBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """The SD denoiser: (noisy latents NHWC, timesteps, text states) -> float32 prediction NHWC.
 
+    An SDXL UNet (``addition_embed_type="text_time"``) also takes, by keyword, ``text_embeds``
+    (B, D), the pooled projected embedding of ``text_encoder_2``, and ``time_ids`` (B, N), the
+    micro-conditioning (SDXL: original height, width, crop top, left, target height, width);
+    D + N * ``addition_time_embed_dim`` must be ``projection_class_embeddings_input_dim``.
+
     ``dtype`` is the compute dtype (params are cast to it in the layers);
     ``remat`` recomputes each resnet / transformer in the backward pass
     ("full") or all but its weight-matmul outputs ("dots"), trading compute for memory;
@@ -383,7 +410,7 @@ class UNet2DConditionModel(nn.Module):
     attention_implementation: Optional[str] = None
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states):
+    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
         cfg = self.config
         if self.remat not in REMAT_MODES:
             raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_MODES}")
@@ -404,6 +431,11 @@ class UNet2DConditionModel(nn.Module):
         temb = timestep_embedding(t, base, cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = LoRADense(4 * base, True, self.lora_scale, self.dtype, name="time_embedding.linear_1")(temb)
         temb = LoRADense(4 * base, True, self.lora_scale, self.dtype, name="time_embedding.linear_2")(nn.silu(temb))
+        if cfg.addition_embed_type == TEXT_TIME:
+            temb = temb + self._text_time_embedding(text_embeds, time_ids, 4 * base)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds / time_ids were given to a UNet without addition_embed_type='text_time' "
+                             "(they are SDXL's conditioning)")
 
         x = conv(base, 3, self.dtype, name="conv_in")(sample)
         skips = [x]
@@ -430,6 +462,46 @@ class UNet2DConditionModel(nn.Module):
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, 3, self.dtype, name="conv_out")(x).astype(jnp.float32)
 
+    def _text_time_embedding(self, text_embeds, time_ids, features: int):
+        """diffusers' ``add_embedding(concat(text_embeds, add_time_proj(time_ids.flatten()).reshape(B, -1)))``."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            missing = " and ".join(n for n, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None)
+            raise ValueError(f"this UNet has addition_embed_type='text_time' (SDXL): pass {missing} "
+                             "(text_embeds (B, D): text_encoder_2's pooled projection; time_ids (B, N): "
+                             "original size, crop corner, target size)")
+        text_embeds = jnp.asarray(text_embeds)
+        time_ids = jnp.asarray(time_ids)
+        if text_embeds.ndim != 2:
+            raise ValueError(f"text_embeds must be (batch, width), got shape {text_embeds.shape}")
+        batch = text_embeds.shape[0]
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                         cfg.freq_shift).reshape(batch, -1)
+        width = text_embeds.shape[-1] + time_embeds.shape[-1]
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds width {text_embeds.shape[-1]} + {time_ids.size // batch} time ids x "
+                f"addition_time_embed_dim {cfg.addition_time_embed_dim} = {width}, but this UNet's "
+                f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
+        h = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        h = LoRADense(features, True, self.lora_scale, self.dtype, name="add_embedding.linear_1")(h)
+        return LoRADense(features, True, self.lora_scale, self.dtype, name="add_embedding.linear_2")(nn.silu(h))
+
+
+def added_cond_shapes(config: UNetConfig, batch: int = 1) -> dict:
+    """ShapeDtypeStructs of the keyword conditioning ``config``'s UNet takes ({} for SD 1.x/2.x).
+
+    The split of ``projection_class_embeddings_input_dim`` between the text and the time ids is not
+    in the config (SDXL: 1280 + 6 x 256; its refiner: 1280 + 5 x 256); SDXL's 6 ids are assumed, and
+    when they do not fit, zero ids (the parameter shapes are the same either way).
+    """
+    if config.addition_embed_type != TEXT_TIME:
+        return {}
+    total, per_id = config.projection_class_embeddings_input_dim, config.addition_time_embed_dim
+    ids = 6 if total > 6 * per_id else 0
+    return {"text_embeds": jax.ShapeDtypeStruct((batch, total - ids * per_id), jnp.float32),
+            "time_ids": jax.ShapeDtypeStruct((batch, ids), jnp.float32)}
+
 
 def unet_param_shapes(config: UNetConfig, dtype=jnp.float32):
     """The params tree of ``config`` as ShapeDtypeStructs (nothing is allocated)."""
@@ -437,7 +509,8 @@ def unet_param_shapes(config: UNetConfig, dtype=jnp.float32):
     side = 2 ** (len(config.block_out_channels) - 1)
     sample = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, jnp.zeros((1,), jnp.int32), context)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, jnp.zeros((1,), jnp.int32), context,
+                               **added_cond_shapes(config))
     return variables["params"]
 
 
