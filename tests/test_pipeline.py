@@ -78,14 +78,37 @@ def test_weights_of_another_architecture_are_named(tiny, tmp_path):
         load_pipeline(str(broken), components=("unet",))
 
 
+SDXL_REFUSAL = ("an SDXL pipeline; its UNet and text encoders load (swiftbrush_jax.models) but training, "
+                "sampling and export of SDXL are not supported yet")
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+@pytest.mark.parametrize("how", ["model_index", "text_encoder_2", "unet_config"])
+def test_sdxl_folder_is_refused_in_one_line(tiny, tmp_path, how):
+    """An SDXL folder, told by its model_index.json class, its text_encoder_2/, or an SDXL UNet config
+    (addition_embed_type='text_time') inside an SD folder: one PipelineError, whatever components are asked."""
+    broken = tmp_path / "pipe"
+    shutil.copytree(tiny, broken)
+    if how == "model_index":
+        edit_json(broken / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    elif how == "text_encoder_2":
+        shutil.copytree(broken / "text_encoder", broken / "text_encoder_2")
+    else:
+        edit_json(broken / "unet" / "config.json", addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=32 + 6 * 256)
+    with pytest.raises(PipelineError) as err:
+        load_pipeline(str(broken), components=("unet",))
+    assert str(err.value) == f"{broken}: {SDXL_REFUSAL}"
+
+
 def test_unsupported_unet_option_is_named(tiny, tmp_path):
     broken = tmp_path / "pipe"
     shutil.copytree(tiny, broken)
-    cfg_path = broken / "unet" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["addition_embed_type"] = "text_time"  # SDXL
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedConfigError, match="addition_embed_type"):
+    edit_json(broken / "unet" / "config.json", addition_embed_type="text_image")  # Kandinsky
+    with pytest.raises(UnsupportedConfigError, match="addition_embed_type='text_image'"):
         load_pipeline(str(broken), components=("unet",))
 
 

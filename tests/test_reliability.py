@@ -289,7 +289,8 @@ def bad_input_cases(base, reference_future) -> dict:
         "SD 1.x-shaped config over SD 2.x weights": (
             lambda: teacher_copy("sd1", edit_unet_config(use_linear_projection=False)), 1),
         "SDXL-style UNet config": (
-            lambda: teacher_copy("sdxl", edit_unet_config(addition_embed_type="text_time", addition_time_embed_dim=256)), 1),
+            lambda: teacher_copy("sdxl", edit_unet_config(addition_embed_type="text_time", addition_time_embed_dim=256,
+                                                          projection_class_embeddings_input_dim=2816)), 1),
         "pickle-only UNet weights": (lambda: teacher_copy("pickle", lambda r: os.rename(
             os.path.join(r, "unet", "diffusion_pytorch_model.safetensors"),
             os.path.join(r, "unet", "diffusion_pytorch_model.bin"))), 1),
@@ -320,7 +321,8 @@ BAD_INPUTS = {
     "unknown nested config key": "unknown config key",
     "teacher missing a component": "has no vae/ folder",
     "SD 1.x-shaped config over SD 2.x weights": "unet weights do not match its config.json",
-    "SDXL-style UNet config": "addition_embed_type='text_time' is not supported",
+    "SDXL-style UNet config": "an SDXL pipeline; its UNet and text encoders load (swiftbrush_jax.models) but "
+                              "training, sampling and export of SDXL are not supported yet",
     "pickle-only UNet weights": "is a pickle checkpoint, which is never loaded",
     "workdir of an incompatible config (LoRA rank 8 vs 4)":
         "was made with another config, and these keys cannot change mid-run: lora.rank: 4 -> 8;",

@@ -77,6 +77,22 @@ def load_tokenizer(folder: str):
         raise PipelineError(f"{folder}: not a CLIP tokenizer folder (vocab.json, merges.txt) ({e})") from None
 
 
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+
+
+def refuse_sdxl(root: str) -> None:
+    """A PipelineError for an SDXL folder (model_index.json's class, a text_encoder_2/, or an SDXL UNet config:
+    addition_embed_type='text_time') until the pipeline, training, sampling and export support SDXL."""
+    index = os.path.join(root, "model_index.json")
+    name = storage.read_json(index, PipelineError).get("_class_name") if os.path.isfile(index) else None
+    unet_config = os.path.join(root, "unet", "config.json")
+    addition = (storage.read_json(unet_config, PipelineError).get("addition_embed_type")
+                if os.path.isfile(unet_config) else None)
+    if name == SDXL_PIPELINE or os.path.isdir(os.path.join(root, "text_encoder_2")) or addition == "text_time":
+        raise PipelineError(f"{root}: an SDXL pipeline; its UNet and text encoders load (swiftbrush_jax.models) "
+                            "but training, sampling and export of SDXL are not supported yet")
+
+
 @dataclasses.dataclass
 class StableDiffusion:
     """The frozen parts of a Stable Diffusion pipeline as Flax modules plus parameter trees."""
@@ -124,6 +140,7 @@ def load_pipeline(
     if unknown:
         raise PipelineError(f"unknown pipeline components {sorted(unknown)}; known: {list(COMPONENTS)}")
     dirs = {name: component_dir(root, name) for name in components}
+    refuse_sdxl(root)
     pipe = StableDiffusion(root=root)
     if "scheduler" in dirs:
         scheduler_config = os.path.join(dirs["scheduler"], "scheduler_config.json")
