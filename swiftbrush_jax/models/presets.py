@@ -130,3 +130,30 @@ def read_folder_configs(root: str) -> dict:
         for name, file in (("unet", "config.json"), ("text_encoder", "config.json"), ("vae", "config.json"),
                            ("scheduler", "scheduler_config.json"))
     }
+
+
+# Stable Diffusion XL base 1.0's UNet and two text encoders (config.json of unet/, text_encoder/, text_encoder_2/),
+# for planning and shape checks without its weights. Its pipeline is not loaded yet (files.pipeline refuses it).
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+# CLIP ViT-L/14's text tower (context: its penultimate hidden state, 768 wide).
+SDXL_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+    "projection_dim": 768, "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-05,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+# OpenCLIP ViT-bigG/14's text tower with its projection (penultimate hidden state, 1280 wide; text_embeds 1280).
+SDXL_TEXT_ENCODER_2 = {
+    **SDXL_TEXT_ENCODER, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu", "hidden_size": 1280,
+    "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280,
+}
