@@ -172,8 +172,9 @@ class UNetConfig:
 
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict:
-    """A ``config.json`` dict diffusers' ``UNet2DConditionModel`` loads into the same architecture."""
-    return {
+    """A ``config.json`` dict diffusers' ``UNet2DConditionModel`` loads into the same architecture; SDXL's
+    conditioning keys only for an SDXL UNet, so an SD 1.x/2.x config is written as diffusers writes it."""
+    written = {
         "_class_name": "UNet2DConditionModel",
         "sample_size": list(config.sample_size) if isinstance(config.sample_size, tuple) else config.sample_size,
         "in_channels": config.in_channels,
@@ -200,10 +201,12 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         "act_fn": "silu",
         "downsample_padding": 1,
         "resnet_time_scale_shift": "default",
-        "addition_embed_type": config.addition_embed_type,
-        "addition_time_embed_dim": config.addition_time_embed_dim,
-        "projection_class_embeddings_input_dim": config.projection_class_embeddings_input_dim,
     }
+    if config.addition_embed_type is not None:
+        written.update(addition_embed_type=config.addition_embed_type,
+                       addition_time_embed_dim=config.addition_time_embed_dim,
+                       projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim)
+    return written
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
