@@ -1,0 +1,146 @@
+"""Does the score precision change what a student learns? The shapes world with teacher and student in bf16.
+
+    python benchmarks/shapes_precision.py run [ARM ...] [--seeds 3]   # distil and score (resumes)
+    python benchmarks/shapes_precision.py table                       # the markdown table from the JSON
+
+The recipe is configs/shapes.py with the LoRA teacher at the teacher's CFG (as configs/sd21.py) and the
+teacher, text encoder and student computing in bf16, as the SD 2.1 configs do. The arms differ only in how
+the four score evaluations of the VSD gradient compute (docs/bf16.md):
+
+* all_bf16: the scores in bf16, like the rest of the step;
+* default: the scores in float32 at ``score_precision="tensorfloat32"``, the default, as an NVIDIA GPU runs
+  it (TF32: operands rounded to 10 significand bits, products summed in float32), emulated on the CPU;
+* float32: the scores in float32 at ``highest``, exact (the old default);
+* pair: the pair pass in bf16 (``score_pair=True``), the difference carried through the network.
+
+In the arms that emulate a GPU, every float32 dot and convolution of the process is TF32, as a GPU's default
+precision makes it; the CPU computes the float32 arm's exactly. Each (arm, training seed) is scored as
+benchmarks/shapes_table.py scores its rows (held-out noise seed NOISE_SEED + 100 000 x seed, 8 images per
+prompt and answer) and recorded in benchmarks/results/shapes_precision.json as soon as it is scored.
+"""
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes_table  # noqa: E402
+
+from swiftbrush_jax.evaluators import records, shapes_suite  # noqa: E402
+
+RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_precision.json")
+METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms")
+COMMON = {"vsd.lora_guidance_scale": 3.0, "teacher_dtype": "bfloat16", "student_compute_dtype": "bfloat16"}
+# arm -> (overrides of configs/shapes.py beyond COMMON, emulated matmul passes of float32 operands or "")
+ARMS = {
+    "all_bf16": ({"score_dtype": ""}, "tf32"),
+    "default": ({"score_dtype": "float32", "score_precision": "tensorfloat32"}, "tf32"),
+    "float32": ({"score_dtype": "float32", "score_precision": "highest"}, ""),
+    "pair": ({"score_dtype": "bfloat16", "score_pair": True}, "tf32"),
+}
+
+
+def train_in_process(passes: str, train_argv: list) -> None:
+    """``python -m swiftbrush_jax.train`` in this process, every float32 matmul traced as ``passes`` rounds it."""
+    import bf16_vsd_gradients
+
+    sys.argv = ["swiftbrush_jax.train"] + train_argv
+    with bf16_vsd_gradients.accelerator_matmuls(passes):
+        try:
+            runpy.run_module("swiftbrush_jax.train", run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+
+
+def load() -> dict:
+    if os.path.exists(RESULTS_JSON):
+        with open(RESULTS_JSON) as f:
+            return json.load(f)
+    return {"runs": {}}
+
+
+def save(results: dict) -> None:
+    with open(RESULTS_JSON + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(RESULTS_JSON + ".tmp", RESULTS_JSON)
+
+
+def run(results: dict, runs: str, arm: str, seed: int, steps: int) -> None:
+    key = f"{arm}/seed{seed}"
+    if key in results["runs"]:
+        return
+    overrides, passes = ARMS[arm]
+    flags = [f"--config.{k}={v}" for k, v in {**COMMON, **overrides}.items()]
+    # shapes_table.train runs the trainer as a subprocess; this script is that subprocess, so it can emulate.
+    workdir = os.path.join(runs, f"precision_{arm}_seed{seed}")
+    start = time.time()
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+        os.makedirs(workdir, exist_ok=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "train-one", passes or "none", "--", "--config",
+               shapes_table.CONFIG, "--workdir", workdir, f"--config.seed={seed}", f"--config.total_steps={steps}",
+               f"--config.checkpoint_every={steps}", *flags]
+        print("running", " ".join(cmd), flush=True)
+        import subprocess
+
+        with open(os.path.join(workdir, "train.log"), "a") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                raise SystemExit(f"error: {key} failed; see {log.name}")
+    wall = time.time() - start
+    result = shapes_suite.evaluate(workdir, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed)
+    if seed == 0:
+        shapes_suite.write_grid(os.path.join(shapes_table.RESULTS, f"shapes_precision_{arm}.png"),
+                                result["images"], 8)
+    results["runs"][key] = {"arm": arm, "seed": seed, "steps": steps, "overrides": {**COMMON, **overrides},
+                            "emulated_matmuls": passes, "train_wall_s": wall,
+                            **{m: result[m] for m in METRICS}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    save(results)
+    print(key, {m: round(results["runs"][key][m], 3) for m in METRICS}, f"train {wall:.0f} s", flush=True)
+
+
+def table(results: dict) -> str:
+    rows = []
+    for arm in ARMS:
+        recorded = [r for r in results["runs"].values() if r["arm"] == arm]
+        if not recorded:
+            continue
+        cells = []
+        for m in METRICS:
+            values = np.array([r[m] for r in recorded])
+            std = values.std(ddof=1) if len(values) > 1 else float("nan")
+            cells.append(f"{values.mean():.3f} ± {std:.3f}")
+        rows.append([arm, str(len(recorded)), *cells])
+    return records.markdown(["scores", "seeds", *METRICS], rows)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-one"]:
+        passes, rest = argv[1], argv[argv.index("--") + 1:]
+        return train_in_process("" if passes == "none" else passes, rest)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("phase", choices=("run", "table"))
+    parser.add_argument("arms", nargs="*", help="default: all, in ARMS order")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--runs", default="runs/precision")
+    args = parser.parse_args(argv)
+    results = load()
+    if args.phase == "run":
+        unknown = [a for a in args.arms if a not in ARMS]
+        if unknown:
+            raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+        for seed in range(args.seeds):
+            for arm in args.arms or ARMS:
+                run(results, args.runs, arm, seed, args.steps)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
