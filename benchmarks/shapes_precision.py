@@ -20,18 +20,15 @@ prompt and answer) and recorded in benchmarks/results/shapes_precision.json as s
 """
 
 import argparse
-import json
 import os
 import runpy
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes_table  # noqa: E402
 
-from swiftbrush_jax.evaluators import records, shapes_suite  # noqa: E402
+from swiftbrush_jax.evaluators import shapes_suite  # noqa: E402
 
 RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_precision.json")
 METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms")
@@ -58,41 +55,15 @@ def train_in_process(passes: str, train_argv: list) -> None:
                 raise
 
 
-def load() -> dict:
-    if os.path.exists(RESULTS_JSON):
-        with open(RESULTS_JSON) as f:
-            return json.load(f)
-    return {"runs": {}}
-
-
-def save(results: dict) -> None:
-    with open(RESULTS_JSON + ".tmp", "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(RESULTS_JSON + ".tmp", RESULTS_JSON)
-
-
 def run(results: dict, runs: str, arm: str, seed: int, steps: int) -> None:
     key = f"{arm}/seed{seed}"
     if key in results["runs"]:
         return
     overrides, passes = ARMS[arm]
     flags = [f"--config.{k}={v}" for k, v in {**COMMON, **overrides}.items()]
-    # shapes_table.train runs the trainer as a subprocess; this script is that subprocess, so it can emulate.
-    workdir = os.path.join(runs, f"precision_{arm}_seed{seed}")
-    start = time.time()
-    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
-        os.makedirs(workdir, exist_ok=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "train-one", passes or "none", "--", "--config",
-               shapes_table.CONFIG, "--workdir", workdir, f"--config.seed={seed}", f"--config.total_steps={steps}",
-               f"--config.checkpoint_every={steps}", *flags]
-        print("running", " ".join(cmd), flush=True)
-        import subprocess
-
-        with open(os.path.join(workdir, "train.log"), "a") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                raise SystemExit(f"error: {key} failed; see {log.name}")
-    wall = time.time() - start
+    # The trainer runs as this script's train-one subprocess, so the emulation wraps its tracing.
+    trainer = (sys.executable, os.path.abspath(__file__), "train-one", passes or "none", "--")
+    workdir, wall = shapes_table.train(runs, f"precision_{arm}", "", flags, seed, steps, trainer)
     result = shapes_suite.evaluate(workdir, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed)
     if seed == 0:
         shapes_suite.write_grid(os.path.join(shapes_table.RESULTS, f"shapes_precision_{arm}.png"),
@@ -100,23 +71,18 @@ def run(results: dict, runs: str, arm: str, seed: int, steps: int) -> None:
     results["runs"][key] = {"arm": arm, "seed": seed, "steps": steps, "overrides": {**COMMON, **overrides},
                             "emulated_matmuls": passes, "train_wall_s": wall,
                             **{m: result[m] for m in METRICS}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    save(results)
-    print(key, {m: round(results["runs"][key][m], 3) for m in METRICS}, f"train {wall:.0f} s", flush=True)
+    shapes_table.save_runs(RESULTS_JSON, results)
+    print(key, {m: round(results["runs"][key][m], 3) for m in METRICS}, f"train {wall or 0:.0f} s", flush=True)
 
 
 def table(results: dict) -> str:
+    """One row per arm: mean ± standard deviation (ddof 1) over its recorded training seeds."""
     rows = []
     for arm in ARMS:
         recorded = [r for r in results["runs"].values() if r["arm"] == arm]
-        if not recorded:
-            continue
-        cells = []
-        for m in METRICS:
-            values = np.array([r[m] for r in recorded])
-            std = values.std(ddof=1) if len(values) > 1 else float("nan")
-            cells.append(f"{values.mean():.3f} ± {std:.3f}")
-        rows.append([arm, str(len(recorded)), *cells])
-    return records.markdown(["scores", "seeds", *METRICS], rows)
+        if recorded:
+            rows.append(shapes_table.summary(arm, f"{arm} ({len(recorded)} seeds)", recorded))
+    return shapes_table.markdown(rows, METRICS)
 
 
 def main(argv=None) -> None:
@@ -131,7 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--runs", default="runs/precision")
     args = parser.parse_args(argv)
-    results = load()
+    results = shapes_table.load_runs(RESULTS_JSON)
     if args.phase == "run":
         unknown = [a for a in args.arms if a not in ARMS]
         if unknown:

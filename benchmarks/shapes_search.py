@@ -69,21 +69,6 @@ def spec(name: str) -> tuple:
     return SETTINGS[name]
 
 
-def load() -> dict:
-    if os.path.exists(RESULTS_JSON):
-        with open(RESULTS_JSON) as f:
-            return json.load(f)
-    return {"runs": {}}
-
-
-def save(results: dict) -> None:
-    tmp = RESULTS_JSON + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, RESULTS_JSON)
-
-
 def run(results: dict, runs: str, name: str, seed: int) -> dict:
     """Distil and score one (setting, seed), or return its recorded result."""
     key = f"{name}/seed{seed}"
@@ -100,7 +85,7 @@ def run(results: dict, runs: str, name: str, seed: int) -> dict:
               **{m: result[m] for m in METRICS}, "coverage_by_prompt": result["coverage_by_prompt"],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results["runs"][key] = record
-    save(results)
+    shapes_table.save_runs(RESULTS_JSON, results)
     print(key, {m: round(record[m], 3) for m in METRICS}, f"train {wall or 0:.0f} s", flush=True)
     return record
 
@@ -117,7 +102,7 @@ def import_table(results: dict) -> None:
                 results["runs"][key] = {"setting": setting, "seed": seed, "source": f"shapes_table.json:{row}",
                                         **{m: repeat[m] for m in METRICS},
                                         "coverage_by_prompt": repeat.get("coverage_by_prompt")}
-    save(results)
+    shapes_table.save_runs(RESULTS_JSON, results)
 
 
 def plot(results: dict, out: str) -> None:
@@ -163,7 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", default="runs/search")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of a finalist")
     args = parser.parse_args(argv)
-    results = load()
+    results = shapes_table.load_runs(RESULTS_JSON)
     if args.phase == "plot":
         plot(results, os.path.join(shapes_table.RESULTS, "shapes_search.png"))
         return

@@ -56,14 +56,19 @@ def distillations(lora_updates: int) -> dict:
 MERGES = {"v2_merged": ("swiftbrush", "v2_b", 0.5)}
 
 
-def train(runs: str, name: str, config_arg: str, overrides: list, seed: int, steps: int) -> tuple:
-    """(workdir, wall seconds or None when reused) of one distillation."""
+TRAINER = (sys.executable, "-m", "swiftbrush_jax.train")
+
+
+def train(runs: str, name: str, config_arg: str, overrides: list, seed: int, steps: int,
+          trainer: tuple = TRAINER) -> tuple:
+    """(workdir, wall seconds or None when reused) of one distillation; ``trainer``: the command that takes
+    the trainer's flags."""
     workdir = os.path.join(runs, f"shapes_{name}_seed{seed}")
     if os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
         print(f"reusing {workdir}", flush=True)
         return workdir, None
     config = CONFIG + (f":{config_arg}" if config_arg else "")
-    cmd = [sys.executable, "-m", "swiftbrush_jax.train", "--config", config, "--workdir", workdir,
+    cmd = [*trainer, "--config", config, "--workdir", workdir,
            f"--config.seed={seed}", f"--config.total_steps={steps}", f"--config.checkpoint_every={steps}"] + overrides
     os.makedirs(workdir, exist_ok=True)
     print("running", " ".join(cmd), flush=True)
@@ -72,6 +77,23 @@ def train(runs: str, name: str, config_arg: str, overrides: list, seed: int, ste
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             raise SystemExit(f"{name} seed {seed} failed; see {log.name}")
     return workdir, time.time() - start
+
+
+def load_runs(path: str) -> dict:
+    """A resumable search's record of scored runs (``{"runs": {key: record}}``), empty when not yet written."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": {}}
+
+
+def save_runs(path: str, results: dict) -> None:
+    """Written whole to a temporary file and renamed, so an interrupted write loses no recorded run."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def merge(runs: str, name: str, a: str, b: str, weight: float) -> str:
