@@ -22,7 +22,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import hardware, time_steady, write_json  # noqa: E402

@@ -1,10 +1,11 @@
-"""Export a trained student as a complete diffusers ``StableDiffusionPipeline`` folder.
+"""Export a trained student as a complete diffusers ``StableDiffusionPipeline`` (or, from an SDXL teacher,
+``StableDiffusionXLPipeline``) folder.
 
     python -m swiftbrush_jax.export --workdir runs/sd21 --out swiftbrush-sd21 [--step N] [--no-ema]
     python -m swiftbrush_jax.export --workdir runs/v2_b --out v2_b_lora --lora-only   # a LoRA student's adapters
 
 ``unet/`` is the student (float32 safetensors, the teacher's UNet config);
-``vae/``, ``text_encoder/`` and ``tokenizer/`` are copied verbatim from the
+``vae/``, ``text_encoder/`` and ``tokenizer/`` (SDXL: and their ``_2`` twins) are copied verbatim from the
 teacher; the DDIM scheduler config makes ``num_inference_steps=1`` call the
 UNet once at the student's timestep and return its predicted x0 unchanged, so
 ``pipe(prompt, num_inference_steps=1, guidance_scale=0)`` reproduces
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 
 from .files import diffusers_writer as dio
 from .files import storage
+from .files.pipeline import SDXL_PIPELINE, SDXL_SECOND, model_index, sdxl_sign
 from .errors import ArgumentParser, UsageError, exit_on_user_error
 from .models import read_config
 from .models.unet import UNetConfig, unet_config_to_diffusers, unet_param_shapes
@@ -32,6 +34,11 @@ from .schedule import NoiseSchedule
 from .files.student import TrainedStudent, load_trained_student
 
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+
+
+def pipeline_class(teacher_root: str) -> str:
+    """The diffusers pipeline class an export of this teacher's student is."""
+    return SDXL_PIPELINE if sdxl_sign(teacher_root) else "StableDiffusionPipeline"
 
 
 def one_step_scheduler_config(schedule: NoiseSchedule, t: int, output_is_x0: bool = False) -> dict:
@@ -81,15 +88,15 @@ and a LoRA teacher, trained on prompts only, no images.
 
 - Made with swiftbrush-jax: {student.step} training steps{trained_on}; `unet/` holds {weights}.
 - The student is called once at timestep {student.record.t}{output}.
-- `vae/`, `text_encoder/` and `tokenizer/` are the teacher's, unchanged; the scheduler is DDIM
+- `vae/`, the text encoders and tokenizers are the teacher's, unchanged; the scheduler is DDIM
   set up so that one step returns the student's x0 exactly.
 
 ## Use
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline_class(student.teacher_root)}
 
-pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+pipe = {pipeline_class(student.teacher_root)}.from_pretrained("path/to/this/folder")
 image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]
 ```
 
@@ -108,12 +115,14 @@ def prepare_out(out: str) -> str:
 
 def write_pipeline(unet_config, params, components_root: str, scheduler_config: dict, card: str,
                    folder: str) -> None:
-    """Every file of an exported pipeline, into an existing empty ``folder``: the UNet, the VAE, text encoder
-    and tokenizer of ``components_root`` copied verbatim, the scheduler and a model card."""
+    """Every file of an exported pipeline, into an existing empty ``folder``: the UNet, the VAE, text encoders
+    and tokenizers of ``components_root`` copied verbatim, the scheduler and a model card. An SDXL teacher's
+    model_index.json is kept (its options, such as force_zeros_for_empty_prompt), the scheduler replaced."""
+    sdxl = sdxl_sign(components_root) is not None
     dio.write_component(os.path.join(folder, "unet"), unet_config_to_diffusers(unet_config), params, dio.UNET_WEIGHTS)
-    dio.copy_components(components_root, folder, COPIED_COMPONENTS)
+    dio.copy_components(components_root, folder, COPIED_COMPONENTS + (tuple(SDXL_SECOND.values()) if sdxl else ()))
     dio.write_scheduler(folder, scheduler_config)
-    dio.write_model_index(folder, "DDIMScheduler")
+    dio.write_model_index(folder, "DDIMScheduler", model_index(components_root) if sdxl else None)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
 
@@ -154,12 +163,13 @@ def export_lora(workdir: str, out: str, step: Optional[int] = None, ema: bool = 
     with storage.atomic_dir(out, written_last=LORA_WEIGHTS) as folder:
         dio.write_scheduler(folder, scheduler_config)
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(lora_card(teacher_root if "hub" not in record.teacher else record.teacher["hub"]))
+            f.write(lora_card(teacher_root if "hub" not in record.teacher else record.teacher["hub"],
+                              pipeline_class(teacher_root)))
         save_state_dict(state, os.path.join(folder, LORA_WEIGHTS))
     return out
 
 
-def lora_card(teacher: str) -> str:
+def lora_card(teacher: str, pipeline: str) -> str:
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion, swiftbrush, one-step, distillation, lora]
@@ -170,9 +180,9 @@ tags: [stable-diffusion, swiftbrush, one-step, distillation, lora]
 Adapters that turn `{teacher}` into a one-step generator (a LoRA student of swiftbrush-jax).
 
 ```python
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{teacher}")
+pipe = {pipeline}.from_pretrained("{teacher}")
 pipe.scheduler = DDIMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
 pipe.load_lora_weights("path/to/this/folder")
 image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import schedule as sched
+from .models.conditioning import apply_unet, uncond_then_cond
 
 # Defaults of a diffusers folder sampled as the teacher: diffusers' StableDiffusionPipeline's own.
 DEFAULT_STEPS = 50
@@ -18,12 +19,10 @@ def guided(unet, variables, x, t, cond, uncond, scale: float):
     """Classifier-free guidance: net(x, t, "") + scale * (net(x, t, c) - net(x, t, "")), float32.
 
     The two halves run as one batched call; at scale 1 the formula is the conditional output, so only
-    that half runs."""
+    that half runs. ``cond`` and ``uncond`` (one row) are conditionings of either kind (models.conditioning)."""
     if scale == 1.0:
-        return unet.apply(variables, x, t, cond).astype(jnp.float32)
-    b = x.shape[0]
-    out = unet.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                     jnp.concatenate([jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), cond]))
+        return apply_unet(unet, variables, x, t, cond).astype(jnp.float32)
+    out = apply_unet(unet, variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]), uncond_then_cond(uncond, cond))
     out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
     return out_uncond + scale * (out_cond - out_uncond)
 
@@ -35,7 +34,7 @@ def one_step_x0(unet, variables, z, cond, schedule, t: int, output_is_x0: bool =
     student. The output is a prediction of the schedule's type turned into x0 (the x0 parameterisation),
     or, for the paper's ablation that drops it, taken as x0 itself (``output_is_x0``)."""
     timesteps = jnp.full((z.shape[0],), t, jnp.int32)
-    out = unet.apply(variables, z, timesteps, cond).astype(jnp.float32)
+    out = apply_unet(unet, variables, z, timesteps, cond).astype(jnp.float32)
     return out if output_is_x0 else sched.to_x0(schedule, out, z, timesteps)
 
 
@@ -59,7 +58,7 @@ def ddim_images(unet, vae, schedule, num_steps: int, guidance: float):
     """(unet params, vae params, z, cond, uncond) -> float images in [0, 1]: multi-step DDIM; jit it.
 
     DDIM (eta 0) following the scheduler config, with classifier-free guidance against ``uncond``
-    (1, T, D) as diffusers' StableDiffusionPipeline does it: guidance <= 1 runs the conditional branch
+    (the empty prompt's conditioning, one row) as diffusers' StableDiffusionPipeline does it: guidance <= 1 runs the conditional branch
     alone."""
 
     def sample(unet_params, vae_params, z, cond, uncond):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .files import storage
 from .errors import ArgumentParser, UsageError, exit_on_user_error
-from .export import one_step_scheduler_config, prepare_out, write_pipeline
+from .export import one_step_scheduler_config, pipeline_class, prepare_out, write_pipeline
 from .models.unet import UNetConfig, load_unet
 from .sample import is_workdir
 from .schedule import NoiseSchedule
@@ -88,13 +88,13 @@ def merge(source_a: str, source_b: str, weight: float, out: str, step_a: Optiona
         raise UsageError(f"{source_a} and {source_b} are run at different timesteps or prediction types "
                          f"(their one-step schedulers differ); merge students of one teacher")
     params = interpolate(a.params, b.params, weight)
-    card = model_card(source_a, source_b, weight)
+    card = model_card(source_a, source_b, weight, pipeline_class(a.components_root))
     with storage.atomic_dir(out, written_last="model_index.json") as folder:
         write_pipeline(a.unet_config, params, a.components_root, a.scheduler_config, card, folder)
     return out
 
 
-def model_card(source_a: str, source_b: str, weight: float) -> str:
+def model_card(source_a: str, source_b: str, weight: float, pipeline: str) -> str:
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -104,13 +104,13 @@ tags: [stable-diffusion, swiftbrush, one-step, distillation, merge]
 # Merged SwiftBrush one-step student
 
 The UNet is (1 - {weight:g}) x `{source_a}` + {weight:g} x `{source_b}`, weight by weight, as
-SwiftBrush v2 merges its two students; `vae/`, `text_encoder/` and `tokenizer/` are A's.
+SwiftBrush v2 merges its two students; `vae/`, the text encoders and tokenizers are A's.
 Made with swiftbrush-jax (`python -m swiftbrush_jax.merge`).
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+pipe = {pipeline}.from_pretrained("path/to/this/folder")
 image = pipe("a photo of a cat", num_inference_steps=1, guidance_scale=0).images[0]
 ```
 """

@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.extend import core
+
+from .models.conditioning import apply_unet, uncond_then_cond
 
 F32 = jnp.float32
 # Linear in the operands at these positions (None: all); the others (indices, predicates) must carry no delta.
@@ -180,13 +181,12 @@ def guided_difference(unet, params, lora, x, t, cond, uncond, scale: float, lora
     """(e_teacher, e_lora - e_teacher) of the guided teacher and LoRA teacher (``guided``'s formula, each at
     its own CFG scale), both from one pair pass of the adapted UNet in its own dtype. The teacher is the
     adapted UNet with every up-matrix at zero, so d flows from the up-matrices alone."""
-    b = x.shape[0]
     primal_lora = jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.zeros_like(v) if jax.tree_util.keystr(path).endswith("['up']") else v, lora)
     delta_lora = jax.tree_util.tree_map_with_path(
         lambda path, v: v if jax.tree_util.keystr(path).endswith("['up']") else None, lora)
-    apply = lambda p, adapters, xs, ts, ctx: unet.apply({"params": p, "lora": adapters}, xs, ts, ctx)
-    ctx = jnp.concatenate([jnp.broadcast_to(uncond, (b,) + uncond.shape[1:]), cond])
+    apply = lambda p, adapters, xs, ts, ctx: apply_unet(unet, {"params": p, "lora": adapters}, xs, ts, ctx)
+    ctx = uncond_then_cond(uncond, cond)
     out, delta = pair_apply(apply, (params, primal_lora, jnp.concatenate([x, x]), jnp.concatenate([t, t]), ctx),
                             (None, delta_lora, None, None, None))
     out_uncond, out_cond = jnp.split(out.astype(F32), 2)

@@ -144,16 +144,23 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 
 def make_images(model: SamplingModel, steps: int, guidance: float, put=lambda x: x):
     """(z, cond) -> float images in [0, 1]: ``model`` in one step, or ``steps`` of DDIM with ``guidance`` (as
-    ``sampling_steps`` returns them). Its weights and the empty-prompt embedding pass through ``put`` once
-    (onto a mesh, say)."""
+    ``sampling_steps`` returns them). Its weights and the empty prompt's conditioning (one per image size)
+    pass through ``put`` once (onto a mesh, say)."""
     pipe = model.pipe
     unet_params, vae_params = put(model.unet_params), put(pipe.vae_params)
     if steps == 1:
         run = jax.jit(one_step_images(pipe.unet, pipe.vae, pipe.schedule, model.one_step_t, model.output_is_x0))
         return lambda z, cond: run({"params": unet_params}, vae_params, z, cond)
     run = jax.jit(ddim_images(pipe.unet, pipe.vae, pipe.schedule, steps, guidance))
-    uncond = put(pipe.encode_text([""]))
-    return lambda z, cond: run(unet_params, vae_params, z, cond, uncond)
+    unconds = {}  # image size -> the empty prompt's conditioning (SDXL's time ids name the size)
+
+    def ddim(z, cond):
+        size = pipe.image_size(z.shape[1:3])
+        if size not in unconds:
+            unconds[size] = put(pipe.encode_uncond(size))
+        return run(unet_params, vae_params, z, cond, unconds[size])
+
+    return ddim
 
 
 class BatchedSampler:
@@ -180,7 +187,8 @@ class BatchedSampler:
         Each image depends only on its own prompt and noise, whatever the batch it ran in."""
         n = len(prompts)
         size = self.batch_size if batch_size is None else self.rounded(batch_size)
-        cond = self.pipe.encode_text(list(prompts) + [prompts[-1]] * (size - n))
+        padded = list(prompts) + [prompts[-1]] * (size - n)
+        cond = self.pipe.encode_text(padded, self.pipe.image_size(noise.shape[1:3]))
         z = jax.device_put(_pad_rows(noise, size), self.rows)
         return np.asarray(self._run(z, jax.device_put(cond, self.rows)))[:n]
 

@@ -59,6 +59,9 @@ def clip_loss_parts(config, pipe):
     folders' configs, or from ``models.presets``' CLIP ViT-B/32 and TAESD where the folders are not on disk."""
     if not config.vsd.clip_weight:
         return None
+    if pipe.sdxl:
+        raise UsageError(f"--config.vsd.clip_weight={config.vsd.clip_weight}: the CLIP loss is not supported for an "
+                         "SDXL teacher yet (which tokenizer's ids its CLIP reads is not settled); set it to 0")
     from .models import presets
     from .models import read_config
     from .models.clip import clip_model_from_config, load_clip_model
@@ -107,7 +110,9 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
     student_lora_scale = lora_scale(config.student_lora.rank, config.student_lora.alpha) if lora_student else 1.0
     student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), lora_scale=student_lora_scale,
                                    **memory)
-    text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype))
+    latent = config.get("latent_size") or unet_config.sample_size
+    text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype),
+                                           **({"image_size": training_image_size(config, pipe)} if pipe.sdxl else {}))
     score_unet = teacher_unet.clone(dtype=dtype_of(config.score_dtype)) if config.score_dtype else None
     try:
         jax.default_matmul_precision(config.score_precision or None)
@@ -127,7 +132,6 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
         raise UsageError("--config.vsd.clip_weight: the CLIP loss needs --config.clip_model")
     if config.vsd.lora_updates_per_step < 1:
         raise UsageError(f"--config.vsd.lora_updates_per_step={config.vsd.lora_updates_per_step}: use 1 or more")
-    latent = config.get("latent_size") or unet_config.sample_size
     return VSD(
         student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
@@ -145,12 +149,24 @@ def as_dtype(tree, dtype):
     return jax.tree_util.tree_map(cast, tree)
 
 
-def text_embedding(pipe, prompts):
-    """``pipe.encode_text(prompts)`` in float32, or its ShapeDtypeStruct where the pipeline is abstract."""
+def training_image_size(config, pipe) -> Optional[tuple]:
+    """(h, w) pixels of the training latents (SDXL's time ids say it); None for SD 1.x/2.x."""
+    latent = config.get("latent_size") or pipe.unet.config.sample_size
+    return pipe.image_size((latent, latent)) if pipe.sdxl else None
+
+
+def text_embedding(config, pipe, prompts):
+    """The prompts' conditioning (for SDXL with the training size's time ids) in float32 on the host, or its
+    ShapeDtypeStructs where the pipeline is abstract. The empty prompt, [""], is the pipeline's own negative
+    (``encode_uncond``: zeros for SDXL with ``force_zeros_for_empty_prompt``)."""
+    size = training_image_size(config, pipe)
     if sharding.is_abstract(pipe.text_params):
-        config = pipe.text_encoder.config
-        return jax.ShapeDtypeStruct((len(prompts), config.max_position_embeddings, config.hidden_size), jnp.float32)
-    return np.asarray(pipe.encode_text(list(prompts)), np.float32)
+        encoder = pipe.text_encoder.clone(image_size=size) if size else pipe.text_encoder
+        ids = jax.ShapeDtypeStruct(pipe.token_shape(len(prompts)), jnp.int32)
+        shapes = jax.eval_shape(lambda p, i: encoder.apply({"params": p}, i), pipe.text_params, ids)
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
+    cond = pipe.encode_uncond(size) if list(prompts) == [""] else pipe.encode_text(list(prompts), size)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), cond)
 
 
 def frozen_inputs(config, pipe, mesh, clip_params=None):
@@ -159,7 +175,7 @@ def frozen_inputs(config, pipe, mesh, clip_params=None):
     only), and their sharding."""
     teacher_dtype = dtype_of(config.teacher_dtype)
     frozen = Frozen(teacher=as_dtype(pipe.unet_params, teacher_dtype), text=as_dtype(pipe.text_params, teacher_dtype),
-                    uncond=text_embedding(pipe, [""]),
+                    uncond=text_embedding(config, pipe, [""]),
                     clip=None if clip_params is None else as_dtype(clip_params, teacher_dtype))
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     return sharding.place(frozen, frozen_sh), frozen_sh
@@ -197,9 +213,10 @@ def sampler_inputs(config, vsd: VSD, pipe, mesh) -> dict:
     shape = (len(prompts),) + tuple(vsd.latent_shape)
     z = (jax.ShapeDtypeStruct(shape, jnp.float32) if sharding.is_abstract(pipe.vae_params)
          else np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 1), shape)))
-    inputs = {"z": z, "cond": text_embedding(pipe, prompts),
+    inputs = {"z": z, "cond": text_embedding(config, pipe, prompts),
               "vae": as_dtype(pipe.vae_params, dtype_of(config.student_compute_dtype))}
-    shardings = {"z": replicated, "cond": replicated, "vae": sharding.tree_shardings(inputs["vae"], mesh)}
+    shardings = {"z": replicated, "cond": jax.tree_util.tree_map(lambda _: replicated, inputs["cond"]),
+                 "vae": sharding.tree_shardings(inputs["vae"], mesh)}
     return sharding.place(inputs, shardings)
 
 

@@ -25,6 +25,7 @@ from flax import struct
 from . import schedule as sched
 from .generate import guided, one_step_x0
 from .models.clip import clip_pixels, cosine
+from .models.conditioning import apply_unet, as_float32, rows, where_dropped
 from .optim import accumulate_gradient, keep_if
 from .pair import guided_difference
 
@@ -78,7 +79,7 @@ class VSD:
     def losses_and_grads(self, params: Trainable, frozen: Frozen, batch: Batch, clip_weight=0.0):
         """The paper's step on one batch: (batch means of the losses and of x0 and x0^2, gradients of both
         trees, each from its own loss only)."""
-        cond, noise = batch.cond.astype(jnp.float32), batch.noise
+        cond, noise = as_float32(batch.cond), batch.noise
         # 1. The one-step student: x0 from noise z at t = T - 1.
         x0, pullback = jax.vjp(lambda p: self.student_x0(p, frozen.teacher, noise.z, cond), params.student)
         # 2. The VSD gradient at x0, w(t) (e_teacher - e_lora), pulled back through the student: it is the
@@ -131,8 +132,8 @@ class VSD:
         """The teacher's own denoising loss on the student's samples, weighted by abar_t."""
         t = noise.t_lora
         x_t = sched.add_noise(self.schedule, x0, noise.eps_lora, t)
-        ctx = jnp.where(noise.drop[:, None, None], jnp.broadcast_to(uncond, cond.shape), cond)
-        out = self.teacher_unet.apply({"params": teacher_params, "lora": lora_params}, x_t, t, ctx)
+        out = apply_unet(self.teacher_unet, {"params": teacher_params, "lora": lora_params}, x_t, t,
+                         where_dropped(noise.drop, uncond, cond))
         err = out.astype(jnp.float32) - sched.target(self.schedule, x0, noise.eps_lora, t)
         abar = jnp.asarray(self.schedule.alphas_cumprod)[t][:, None, None, None]
         return jnp.mean(abar * err**2)
@@ -227,7 +228,7 @@ class VSD:
 
         def one_update(carry, key):
             lora, lora_opt, skipped = carry
-            batch = Batch(cond=cond.astype(jnp.float32), noise=self.draw(key, cond.shape[0]))
+            batch = Batch(cond=as_float32(cond), noise=self.draw(key, rows(cond)))
             means, grads = accumulate_gradient(loss_and_grad, lora, batch, self.microbatches)
             updates, new_opt = self.lora_tx.update(grads, lora_opt, lora, step=step)
             finite = jnp.isfinite(means["loss_lora"]) & jnp.isfinite(optax.global_norm(grads))
@@ -314,7 +315,7 @@ class Frozen(struct.PyTreeNode):
 
     teacher: Any
     text: Any
-    uncond: jax.Array  # (1, T, D)
+    uncond: Any  # the empty prompt's conditioning, one row (models.conditioning)
     clip: Any = None  # with the CLIP loss: {"model": CLIP weights, "decoder": the decoder's weights}
 
 
@@ -339,7 +340,7 @@ class Noise(struct.PyTreeNode):
 class Batch(struct.PyTreeNode):
     """One step's per-example inputs: what microbatching splits along its first axis."""
 
-    cond: jax.Array  # (B, T, D) prompt embeddings
+    cond: Any  # the prompts' conditioning: (B, T, D) embeddings, or SDXL's (models.conditioning)
     noise: Noise
     token_ids: Optional[jax.Array] = None  # (B, T): the CLIP loss's prompts
 

@@ -4,6 +4,9 @@ Tests build these, ``save_pretrained`` them, load them through our loader and
 compare outputs. Torch is a test-only dependency.
 """
 
+import os
+import shutil
+
 import torch
 
 UNET_CONFIGS = {
@@ -89,3 +92,52 @@ def make_text_encoder(kind: str = "sd21", seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return randomize(CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS[kind])), seed)
+
+
+# A tiny SDXL-shaped pipeline: UNet with text_time conditioning, no attention in the first block and two
+# transformer layers in the second; text_encoder (quick_gelu, 24 wide) and text_encoder_2 (a projection model,
+# gelu, 32 wide, pooled 16): context 24 + 32 = 56, added embedding 16 + 6 time ids x 8.
+SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=56,
+    use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8,
+)
+SDXL_TEXT = {
+    "text_encoder": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         hidden_act="quick_gelu", max_position_embeddings=77, projection_dim=24),
+    "text_encoder_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           hidden_act="gelu", max_position_embeddings=77, projection_dim=16),
+}
+# SDXL base 1.0's scheduler_config.json
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                      use_karras_sigmas=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True,
+                      clip_sample=False)
+
+
+def save_sdxl_pipeline(folder: str, corpus, seed: int = 0) -> str:
+    """A tiny random SDXL pipeline saved by diffusers' ``StableDiffusionXLPipeline.save_pretrained`` (its
+    model_index.json with ``force_zeros_for_empty_prompt``), tokenizers by rule from ``corpus``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from swiftbrush_jax.files import diffusers_writer as dio
+
+    tokenizers, encoders = [], []
+    for i, (name, cls) in enumerate((("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))):
+        words = os.path.join(folder, "words", name)
+        vocab = dio.write_clip_tokenizer(words, corpus)
+        tokenizers.append(CLIPTokenizer.from_pretrained(words))
+        config = CLIPTextConfig(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                pad_token_id=vocab - 1, **SDXL_TEXT[name])
+        encoders.append(randomize(cls(config), seed + i))
+    vae = randomize(AutoencoderKL(**VAE_CONFIG, scaling_factor=0.13025), seed + 2)
+    unet = randomize(UNet2DConditionModel(**SDXL_UNET), seed + 3)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(os.path.join(folder, "words"))
+    return folder

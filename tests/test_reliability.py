@@ -321,8 +321,8 @@ BAD_INPUTS = {
     "unknown nested config key": "unknown config key",
     "teacher missing a component": "has no vae/ folder",
     "SD 1.x-shaped config over SD 2.x weights": "unet weights do not match its config.json",
-    "SDXL-style UNet config": "an SDXL pipeline; its UNet and text encoders load (swiftbrush_jax.models) but "
-                              "training, sampling and export of SDXL are not supported yet",
+    "SDXL-style UNet config": "is an SDXL pipeline (unet/config.json has addition_embed_type='text_time') but has "
+                              "no text_encoder_2/ folder",
     "pickle-only UNet weights": "is a pickle checkpoint, which is never loaded",
     "workdir of an incompatible config (LoRA rank 8 vs 4)":
         "was made with another config, and these keys cannot change mid-run: lora.rank: 4 -> 8;",

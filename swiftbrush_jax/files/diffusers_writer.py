@@ -3,7 +3,7 @@
 import json
 import os
 import shutil
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .weights import params_to_state_dict, save_state_dict
 
@@ -42,9 +42,11 @@ def write_scheduler(root: str, scheduler_config: dict) -> None:
     write_json(os.path.join(root, "scheduler", "scheduler_config.json"), scheduler_config)
 
 
-def write_model_index(root: str, scheduler_class: str = "DDIMScheduler") -> None:
+def write_model_index(root: str, scheduler_class: str = "DDIMScheduler", base: Optional[dict] = None) -> None:
+    """``model_index.json``: an SD pipeline's, or ``base`` (a teacher's, as an SDXL one with its options) with
+    the scheduler replaced."""
     write_json(os.path.join(root, "model_index.json"),
-               {**MODEL_INDEX, "scheduler": ["diffusers", scheduler_class]})
+               {**(MODEL_INDEX if base is None else base), "scheduler": ["diffusers", scheduler_class]})
 
 
 def copy_components(src_root: str, dst_root: str, names: Iterable[str]) -> None:

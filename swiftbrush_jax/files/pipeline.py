@@ -1,4 +1,4 @@
-"""Loading a Stable Diffusion pipeline (diffusers layout) from a folder or a Hub id.
+"""Loading a Stable Diffusion or SDXL pipeline (diffusers layout) from a folder, a bucket or a Hub id.
 
 Only what the project needs is fetched from the Hub: each component's
 ``config.json``, its full-precision safetensors and the tokenizer files.
@@ -6,7 +6,7 @@ Only what the project needs is fetched from the Hub: each component's
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,10 @@ HUB_PATTERNS = [
     "*/model.safetensors.index.json",
     "*/model-*.safetensors",
     "tokenizer/*",
+    "tokenizer_2/*",
 ]
+# What an SDXL folder holds beside each of COMPONENTS (docs/sdxl.md): a second tokenizer and text encoder.
+SDXL_SECOND = {"tokenizer": "tokenizer_2", "text_encoder": "text_encoder_2"}
 
 
 class PipelineError(ValueError):
@@ -80,22 +83,41 @@ def load_tokenizer(folder: str):
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 
 
-def refuse_sdxl(root: str) -> None:
-    """A PipelineError for an SDXL folder (model_index.json's class, a text_encoder_2/, or an SDXL UNet config:
-    addition_embed_type='text_time') until the pipeline, training, sampling and export support SDXL."""
-    index = os.path.join(root, "model_index.json")
-    name = storage.read_json(index, PipelineError).get("_class_name") if os.path.isfile(index) else None
+def sdxl_sign(root: str) -> Optional[str]:
+    """What marks an SDXL folder (model_index.json's class, a text_encoder_2/, or an SDXL UNet config:
+    addition_embed_type='text_time'), or None for SD 1.x/2.x."""
     unet_config = os.path.join(root, "unet", "config.json")
     addition = (storage.read_json(unet_config, PipelineError).get("addition_embed_type")
                 if os.path.isfile(unet_config) else None)
-    if name == SDXL_PIPELINE or os.path.isdir(os.path.join(root, "text_encoder_2")) or addition == "text_time":
-        raise PipelineError(f"{root}: an SDXL pipeline; its UNet and text encoders load (swiftbrush_jax.models) "
-                            "but training, sampling and export of SDXL are not supported yet")
+    if model_index(root).get("_class_name") == SDXL_PIPELINE:
+        return f"model_index.json names {SDXL_PIPELINE}"
+    if os.path.isdir(os.path.join(root, "text_encoder_2")):
+        return "it has a text_encoder_2/"
+    return "unet/config.json has addition_embed_type='text_time'" if addition == "text_time" else None
+
+
+def model_index(root: str) -> dict:
+    index = os.path.join(root, "model_index.json")
+    return storage.read_json(index, PipelineError) if os.path.isfile(index) else {}
+
+
+def default_image_size(root: str) -> tuple:
+    """(h, w) pixels of the UNet's ``sample_size`` through the VAE's downsampling, diffusers' default size."""
+    read = lambda name: (storage.read_json(os.path.join(root, name, "config.json"), PipelineError)
+                         if os.path.isfile(os.path.join(root, name, "config.json")) else {})
+    factor = 2 ** (len(read("vae").get("block_out_channels", (0,) * 4)) - 1)
+    size = read("unet").get("sample_size", 128)
+    h, w = (size, size) if isinstance(size, int) else size
+    return h * factor, w * factor
 
 
 @dataclasses.dataclass
 class StableDiffusion:
-    """The frozen parts of a Stable Diffusion pipeline as Flax modules plus parameter trees."""
+    """The frozen parts of a Stable Diffusion (or SDXL) pipeline as Flax modules plus parameter trees.
+
+    For SDXL, ``text_encoder`` is both encoders in one module (models.text_encoder.SDXLTextEncoders, its
+    params under their folders' names) and ``tokenizer_2`` is the second tokenizer; prompts then encode to an
+    ``SDXLConditioning`` (models.conditioning) instead of one array."""
 
     root: str
     unet: Any = None
@@ -106,20 +128,50 @@ class StableDiffusion:
     text_params: Any = None
     tokenizer: Any = None
     schedule: Any = None
-    _encode: Any = dataclasses.field(default=None, repr=False)
+    sdxl: bool = False
+    tokenizer_2: Any = None
+    # diffusers' StableDiffusionXLPipeline option: the empty prompt's conditioning is zeros, not its encoding.
+    force_zeros_for_empty_prompt: bool = False
+    _encode: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids padded/truncated to the tokenizer's length, as diffusers' pipelines do."""
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        return np.asarray(ids, np.int32)
+        """Token ids padded/truncated to the tokenizer's length, as diffusers' pipelines do: (B, L), or for
+        SDXL (B, 2, L), one row per tokenizer."""
+        ids = lambda tokenizer: np.asarray(tokenizer(list(prompts), padding="max_length", truncation=True,
+                                                     max_length=tokenizer.model_max_length).input_ids, np.int32)
+        if self.sdxl:
+            return np.stack([ids(self.tokenizer), ids(self.tokenizer_2)], axis=1)
+        return ids(self.tokenizer)
 
-    def encode_text(self, prompts: Sequence[str]) -> jax.Array:
-        """``last_hidden_state`` of the text encoder, what SD's UNet attends to."""
-        if self._encode is None:
-            self._encode = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
-        return self._encode(self.text_params, jnp.asarray(self.tokenize(prompts)))
+    def image_size(self, latent_hw: Sequence[int]) -> tuple:
+        """(h, w) pixels that latents of (h, w) decode to: what SDXL's time ids say of an image."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return tuple(int(v) * factor for v in latent_hw)
+
+    def token_shape(self, prompts: int) -> tuple:
+        """The shape of ``tokenize``'s ids for that many prompts, from the text encoders' configs alone."""
+        length = self.text_encoder.config.max_position_embeddings
+        return (prompts, 2, length) if self.sdxl else (prompts, length)
+
+    def encode_text(self, prompts: Sequence[str], image_size: Optional[tuple] = None):
+        """What the UNet attends to: ``last_hidden_state`` of the text encoder, or for SDXL its
+        ``SDXLConditioning`` with the time ids of ``image_size`` (h, w pixels; None: the encoder's own)."""
+        encoder = self.text_encoder
+        if self.sdxl and image_size is not None:
+            encoder = encoder.clone(image_size=tuple(int(v) for v in image_size))
+        key = getattr(encoder, "image_size", None)
+        if key not in self._encode:
+            self._encode[key] = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids))
+        return self._encode[key](self.text_params, jnp.asarray(self.tokenize(prompts)))
+
+    def encode_uncond(self, image_size: Optional[tuple] = None):
+        """The empty prompt's conditioning, one row, as the diffusers pipeline makes its negative: the
+        encoding of "", or zeros (time ids kept) with ``force_zeros_for_empty_prompt``."""
+        uncond = self.encode_text([""], image_size)
+        if self.force_zeros_for_empty_prompt:
+            uncond = uncond.replace(context=jnp.zeros_like(uncond.context),
+                                    text_embeds=jnp.zeros_like(uncond.text_embeds))
+        return uncond
 
 
 def load_pipeline(
@@ -129,8 +181,9 @@ def load_pipeline(
     param_dtype=jnp.float32,
     unet_remat: str = "none",
 ) -> StableDiffusion:
-    """Load the named components of a diffusers SD pipeline from a folder or Hub id."""
-    from ..models.text_encoder import load_text_encoder
+    """Load the named components of a diffusers SD or SDXL pipeline from a folder, bucket or Hub id. For SDXL,
+    "tokenizer" and "text_encoder" bring their ``_2`` twins."""
+    from ..models.text_encoder import load_sdxl_text_encoders, load_text_encoder
     from ..models.unet import load_unet
     from ..models.vae import load_vae
     from ..schedule import NoiseSchedule
@@ -139,19 +192,32 @@ def load_pipeline(
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise PipelineError(f"unknown pipeline components {sorted(unknown)}; known: {list(COMPONENTS)}")
+    sign = sdxl_sign(root)
+    sdxl = sign is not None
     dirs = {name: component_dir(root, name) for name in components}
-    refuse_sdxl(root)
-    pipe = StableDiffusion(root=root)
+    for name in (SDXL_SECOND[c] for c in components if sdxl and c in SDXL_SECOND):
+        if not os.path.isdir(os.path.join(root, name)):
+            raise PipelineError(f"{root} is an SDXL pipeline ({sign}) but has no {name}/ folder; an SDXL folder "
+                                f"holds {', '.join(c + '/' for c in COMPONENTS + tuple(SDXL_SECOND.values()))} "
+                                "and model_index.json")
+        dirs[name] = os.path.join(root, name)
+    pipe = StableDiffusion(root=root, sdxl=sdxl,
+                           force_zeros_for_empty_prompt=sdxl and model_index(root).get("force_zeros_for_empty_prompt",
+                                                                                       True))
     if "scheduler" in dirs:
         scheduler_config = os.path.join(dirs["scheduler"], "scheduler_config.json")
         pipe.schedule = NoiseSchedule.from_config(storage.read_json(scheduler_config, PipelineError))
     if "tokenizer" in dirs:
         pipe.tokenizer = load_tokenizer(dirs["tokenizer"])
-    if "text_encoder" in dirs:
+    if "tokenizer_2" in dirs:
+        pipe.tokenizer_2 = load_tokenizer(dirs["tokenizer_2"])
+    if "text_encoder" in dirs and sdxl:
+        pipe.text_encoder, pipe.text_params = load_sdxl_text_encoders(
+            dirs["text_encoder"], dirs["text_encoder_2"], default_image_size(root), dtype, param_dtype)
+    elif "text_encoder" in dirs:
         pipe.text_encoder, pipe.text_params = load_text_encoder(dirs["text_encoder"], dtype, param_dtype)
     if "vae" in dirs:
         pipe.vae, pipe.vae_params = load_vae(dirs["vae"], dtype, param_dtype)
     if "unet" in dirs:
         pipe.unet, pipe.unet_params = load_unet(dirs["unet"], dtype, param_dtype, remat=unet_remat)
     return pipe
-

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ..files.weights import read_state_dict, state_dict_to_params
 from . import UnsupportedConfigError, read_config
+from .conditioning import SDXLConditioning, time_ids
 
 # transformers' "gelu" is the exact erf form; "quick_gelu" is OpenAI's sigmoid approximation.
 ACTIVATIONS = {
@@ -245,3 +246,35 @@ def load_text_encoder(folder: str, dtype=jnp.float32, param_dtype=jnp.float32, p
     state = state if with_projection else with_text_model_prefix(state)
     params = state_dict_to_params(state, shapes, "text_encoder", param_dtype)
     return model, params
+
+
+class SDXLTextEncoders(nn.Module):
+    """SDXL's prompt encoding as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` does it (clip_skip None):
+    input_ids (B, 2, L), one row per tokenizer -> ``SDXLConditioning``: both encoders' penultimate hidden states
+    joined on the last axis, text_encoder_2's ``text_embeds``, and the default time ids of ``image_size``
+    (h, w pixels). Its parameters are {"text_encoder": ..., "text_encoder_2": ...}, the folders' names."""
+
+    config: CLIPTextConfig
+    config_2: CLIPTextConfig
+    image_size: tuple
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids):
+        first = CLIPTextModel(self.config, self.dtype, penultimate=True, name="text_encoder")(input_ids[:, 0])
+        second, text_embeds = CLIPTextModelWithProjection(self.config_2, self.dtype, penultimate=True,
+                                                          name="text_encoder_2")(input_ids[:, 1])
+        return SDXLConditioning(context=jnp.concatenate([first, second], axis=-1), text_embeds=text_embeds,
+                                time_ids=time_ids(self.image_size, input_ids.shape[0]))
+
+
+def load_sdxl_text_encoders(folder: str, folder_2: str, image_size: tuple, dtype=jnp.float32,
+                            param_dtype=jnp.float32):
+    """(SDXLTextEncoders, params) from an SDXL pipeline's ``text_encoder`` and ``text_encoder_2`` folders."""
+    first, params = load_text_encoder(folder, dtype, param_dtype)
+    second, params_2 = load_text_encoder(folder_2, dtype, param_dtype)
+    if not isinstance(second, CLIPTextModelWithProjection):
+        raise UnsupportedConfigError(f"{folder_2}/config.json: SDXL's text_encoder_2 must be a {WITH_PROJECTION} "
+                                     "(its pooled text_embeds condition the UNet)")
+    model = SDXLTextEncoders(first.config, second.config, tuple(image_size), dtype)
+    return model, {"text_encoder": params, "text_encoder_2": params_2}
