@@ -85,27 +85,37 @@ def model_configs(config) -> tuple:
         return configs, "tiny random teacher (swiftbrush_jax.toy.tiny_teacher)"
     if os.path.isdir(config.teacher):
         return presets.read_folder_configs(config.teacher), f"configs of {config.teacher}"
+    if config.teacher in presets.BY_HUB_ID:
+        return presets.BY_HUB_ID[config.teacher], f"{config.teacher} architecture (swiftbrush_jax.models.presets)"
     return presets.SD21_BASE, f"SD 2.1-base architecture (swiftbrush_jax.models.presets; {config.teacher} not on disk)"
 
 
 def abstract_pipeline(configs: dict):
-    """A StableDiffusion whose weights are ShapeDtypeStructs (float32, as loaded): the trainer's set-up
-    functions run on it unchanged and place nothing."""
-    from .models.text_encoder import CLIPTextConfig, CLIPTextModel
+    """A StableDiffusion (SDXL when ``configs`` has a text_encoder_2) whose weights are ShapeDtypeStructs
+    (float32, as loaded): the trainer's set-up functions run on it unchanged and place nothing."""
+    from .models.text_encoder import CLIPTextConfig, CLIPTextModel, SDXLTextEncoders
     from .models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
     from .models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
     from .files.pipeline import StableDiffusion
     from .schedule import NoiseSchedule
 
     unet_config = UNetConfig.from_diffusers(configs["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_transformers(configs["text_encoder"]))
-    ids = jax.ShapeDtypeStruct((1, text_encoder.config.max_position_embeddings), jnp.int32)
     vae_config = VAEConfig.from_diffusers(configs["vae"])
+    text_config = CLIPTextConfig.from_transformers(configs["text_encoder"])
+    sdxl = "text_encoder_2" in configs
+    if sdxl:
+        side = unet_config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1)
+        text_encoder = SDXLTextEncoders(text_config, CLIPTextConfig.from_transformers(configs["text_encoder_2"]),
+                                        (side, side))
+        ids = jax.ShapeDtypeStruct((1, 2, text_config.max_position_embeddings), jnp.int32)
+    else:
+        text_encoder = CLIPTextModel(text_config)
+        ids = jax.ShapeDtypeStruct((1, text_config.max_position_embeddings), jnp.int32)
     return StableDiffusion(
         root="", unet=UNet2DConditionModel(unet_config), unet_params=unet_param_shapes(unet_config),
         text_encoder=text_encoder, text_params=jax.eval_shape(text_encoder.init, jax.random.PRNGKey(0), ids)["params"],
         vae=AutoencoderKL(vae_config), vae_params=vae_param_shapes(vae_config),
-        schedule=NoiseSchedule.from_config(configs["scheduler"]))
+        schedule=NoiseSchedule.from_config(configs["scheduler"]), sdxl=sdxl, force_zeros_for_empty_prompt=sdxl)
 
 
 @dataclasses.dataclass
@@ -117,10 +127,10 @@ class AbstractStep:
     state: object
     frozen: object
     batch_sharding: object
-    tokens: int
+    token_shape: Callable  # prompts -> the shape of their token ids (files.pipeline.StableDiffusion.token_shape)
 
     def lower(self, global_batch: int):
-        ids = jax.ShapeDtypeStruct((global_batch, self.tokens), jnp.int32, sharding=self.batch_sharding)
+        ids = jax.ShapeDtypeStruct(self.token_shape(global_batch), jnp.int32, sharding=self.batch_sharding)
         return self.step.lower(self.state, self.frozen, ids)
 
     def compile(self, global_batch: int):
@@ -135,8 +145,7 @@ def abstract_step(config, pipe, mesh) -> AbstractStep:
     state, state_sh = setup.initial_state(config, vsd, pipe.unet_params, mesh, abstract=True)
     frozen, frozen_sh = setup.frozen_inputs(config, pipe, mesh, clip_parts[2] if clip_parts else None)
     step = vsd.jit_train_step(state_sh, frozen_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
-    return AbstractStep(step, vsd, state, frozen, sharding.batch_sharding(mesh),
-                        pipe.text_encoder.config.max_position_embeddings)
+    return AbstractStep(step, vsd, state, frozen, sharding.batch_sharding(mesh), pipe.token_shape)
 
 
 def resident_bytes(config, pipe, step: AbstractStep) -> dict:

@@ -33,7 +33,7 @@ def lowered_census(config, platform: str) -> dict:
     pipe = plan.abstract_pipeline(plan.model_configs(config)[0])
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     step = plan.abstract_step(config, pipe, mesh)
-    ids = jax.ShapeDtypeStruct((BATCH, step.tokens), jnp.int32, sharding=step.batch_sharding)
+    ids = jax.ShapeDtypeStruct(step.token_shape(BATCH), jnp.int32, sharding=step.batch_sharding)
     lowered = step.step.trace(step.state, step.frozen, ids).lower(lowering_platforms=(platform,))
     return precision.census(lowered.as_text())
 

@@ -1,5 +1,6 @@
-"""Architecture presets: Stable Diffusion 2.1-base written out, the tiny smoke-test pipeline, and the one DDPM
-schedule both of them (and the shapes teacher, swiftbrush_jax.toy.teacher_arch) train with.
+"""Architecture presets: Stable Diffusion 2.1-base and SDXL base 1.0 written out, the tiny smoke-test pipeline,
+and the one DDPM schedule SD 2.1 and the tiny pipeline (and the shapes teacher, swiftbrush_jax.toy.teacher_arch)
+train with.
 
 The SD 2.1 dicts are the ``config.json`` / ``scheduler_config.json`` files of
 the ``stable-diffusion-2-1-base`` diffusers folder, so that memory and FLOP
@@ -124,16 +125,16 @@ TINY_CORPUS = ["a photo of a cat", "a painting of a lighthouse at dusk", "an ast
 
 
 def read_folder_configs(root: str) -> dict:
-    """The same four dicts read from a diffusers pipeline folder on disk."""
-    return {
-        name: storage.read_json(os.path.join(root, name, file), PipelineError)
-        for name, file in (("unet", "config.json"), ("text_encoder", "config.json"), ("vae", "config.json"),
-                           ("scheduler", "scheduler_config.json"))
-    }
+    """The same dicts read from a diffusers pipeline folder on disk (an SDXL one's text_encoder_2 too)."""
+    files = [("unet", "config.json"), ("text_encoder", "config.json"), ("vae", "config.json"),
+             ("scheduler", "scheduler_config.json")]
+    if os.path.isdir(os.path.join(root, "text_encoder_2")):
+        files.append(("text_encoder_2", "config.json"))
+    return {name: storage.read_json(os.path.join(root, name, file), PipelineError) for name, file in files}
 
 
 # Stable Diffusion XL base 1.0's UNet and two text encoders (config.json of unet/, text_encoder/, text_encoder_2/),
-# for planning and shape checks without its weights. Its pipeline is not loaded yet (files.pipeline refuses it).
+# for planning and shape checks without its weights.
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
     "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
@@ -157,3 +158,12 @@ SDXL_TEXT_ENCODER_2 = {
     **SDXL_TEXT_ENCODER, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu", "hidden_size": 1280,
     "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280,
 }
+# Its VAE: SD's architecture at 1024 px with its own scaling factor, and the scheduler it ships (Euler, SD's betas).
+SDXL_VAE = {**VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_SCHEDULER = {**_SD21_BETAS, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                  "timestep_spacing": "leading", "use_karras_sigmas": False}
+SDXL_BASE = {"unet": SDXL_UNET, "text_encoder": SDXL_TEXT_ENCODER, "text_encoder_2": SDXL_TEXT_ENCODER_2,
+             "vae": SDXL_VAE, "scheduler": SDXL_SCHEDULER}
+# Hub ids whose architecture is one of the above, for planning a teacher that is not on disk.
+BY_HUB_ID = {"stabilityai/stable-diffusion-xl-base-1.0": SDXL_BASE}
+
