@@ -174,3 +174,25 @@ def test_sdxl_configs_and_what_is_refused(sdxl_root):
     with pytest.raises(UsageError, match="the CLIP loss is not supported for an SDXL teacher yet"):
         setup.clip_loss_parts(config, pipe)
 
+
+
+def test_plan_counts_both_text_encoders(sdxl_root, tmp_path):
+    """plan on an SDXL folder: the frozen inputs are the teacher UNet, both text encoders and the empty prompt's
+    SDXL conditioning, byte for byte; the state is the student, its EMA, two Adam moments and the LoRA teacher."""
+    import json
+
+    import jax
+
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "swiftbrush_jax.plan", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+           "--config.make_tiny_teacher=False", f"--config.teacher={sdxl_root}", "--resident-only", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pipe = load_pipeline(sdxl_root, components=("unet", "text_encoder", "tokenizer"))
+    nbytes = lambda tree: sum(x.size * 4 for x in jax.tree_util.tree_leaves(tree))  # tiny.py: float32 throughout
+    assert set(pipe.text_params) == {"text_encoder", "text_encoder_2"}
+    uncond = (77 * 56 + 16 + 6) * 4
+    assert report["frozen_bytes"] == nbytes(pipe.unet_params) + nbytes(pipe.text_params) + uncond
+    assert report["state_bytes"] > 4 * nbytes(pipe.unet_params)
