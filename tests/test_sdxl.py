@@ -196,3 +196,29 @@ def test_plan_counts_both_text_encoders(sdxl_root, tmp_path):
     uncond = (77 * 56 + 16 + 6) * 4
     assert report["frozen_bytes"] == nbytes(pipe.unet_params) + nbytes(pipe.text_params) + uncond
     assert report["state_bytes"] > 4 * nbytes(pipe.unet_params)
+
+
+def test_evaluation_generates_from_an_sdxl_student(workdir, tmp_path):
+    """The COCO suite's generation from an SDXL workdir: every image is the student's one-step image of its
+    caption from its recorded seed."""
+    import json
+
+    from swiftbrush_jax.evaluate import main as evaluate
+    from swiftbrush_jax.evaluators import generation
+    from swiftbrush_jax.generate import to_uint8
+
+    captions = tmp_path / "captions.json"
+    words = ["a red circle", "a blue square", "a green triangle"]
+    captions.write_text(json.dumps({"images": [{"id": i} for i in range(3)],
+                                    "annotations": [{"image_id": i, "id": i, "caption": w} for i, w in enumerate(words)]}))
+    out = str(tmp_path / "eval")
+    evaluate(["--suite", "coco2014", "--model", workdir, "--out", out, "--captions", str(captions),
+              "--num-images", "3", "--batch-size", "2", "--generate-only"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert len(rows) == 3
+    model = sample.load_sampling_model(workdir)
+    sampler = sample.BatchedSampler(model, 2)
+    for row in rows:
+        noise = sample.SeededNoise([row["seed"]], sample.latent_shape(model))[[0]]
+        expected = to_uint8(sampler([row["prompt"]], noise))[0]
+        np.testing.assert_array_equal(np.asarray(generation.read_image(out, row)), expected)
