@@ -104,16 +104,16 @@ def abstract_pipeline(configs: dict):
     text_config = CLIPTextConfig.from_transformers(configs["text_encoder"])
     sdxl = "text_encoder_2" in configs
     if sdxl:
-        side = unet_config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1)
-        text_encoder = SDXLTextEncoders(text_config, CLIPTextConfig.from_transformers(configs["text_encoder_2"]),
-                                        (side, side))
+        text_encoder = SDXLTextEncoders(text_config, CLIPTextConfig.from_transformers(configs["text_encoder_2"]))
         ids = jax.ShapeDtypeStruct((1, 2, text_config.max_position_embeddings), jnp.int32)
+        init = text_encoder.clone(image_size=(8, 8)).init  # the time ids' size shapes no parameter
     else:
         text_encoder = CLIPTextModel(text_config)
         ids = jax.ShapeDtypeStruct((1, text_config.max_position_embeddings), jnp.int32)
+        init = text_encoder.init
     return StableDiffusion(
         root="", unet=UNet2DConditionModel(unet_config), unet_params=unet_param_shapes(unet_config),
-        text_encoder=text_encoder, text_params=jax.eval_shape(text_encoder.init, jax.random.PRNGKey(0), ids)["params"],
+        text_encoder=text_encoder, text_params=jax.eval_shape(init, jax.random.PRNGKey(0), ids)["params"],
         vae=AutoencoderKL(vae_config), vae_params=vae_param_shapes(vae_config),
         schedule=NoiseSchedule.from_config(configs["scheduler"]), sdxl=sdxl, force_zeros_for_empty_prompt=sdxl)
 

@@ -101,16 +101,6 @@ def model_index(root: str) -> dict:
     return storage.read_json(index, PipelineError) if os.path.isfile(index) else {}
 
 
-def default_image_size(root: str) -> tuple:
-    """(h, w) pixels of the UNet's ``sample_size`` through the VAE's downsampling, diffusers' default size."""
-    read = lambda name: (storage.read_json(os.path.join(root, name, "config.json"), PipelineError)
-                         if os.path.isfile(os.path.join(root, name, "config.json")) else {})
-    factor = 2 ** (len(read("vae").get("block_out_channels", (0,) * 4)) - 1)
-    size = read("unet").get("sample_size", 128)
-    h, w = (size, size) if isinstance(size, int) else size
-    return h * factor, w * factor
-
-
 @dataclasses.dataclass
 class StableDiffusion:
     """The frozen parts of a Stable Diffusion (or SDXL) pipeline as Flax modules plus parameter trees.
@@ -155,11 +145,13 @@ class StableDiffusion:
 
     def encode_text(self, prompts: Sequence[str], image_size: Optional[tuple] = None):
         """What the UNet attends to: ``last_hidden_state`` of the text encoder, or for SDXL its
-        ``SDXLConditioning`` with the time ids of ``image_size`` (h, w pixels; None: the encoder's own)."""
-        encoder = self.text_encoder
-        if self.sdxl and image_size is not None:
-            encoder = encoder.clone(image_size=tuple(int(v) for v in image_size))
-        key = getattr(encoder, "image_size", None)
+        ``SDXLConditioning`` with the time ids of ``image_size`` (h, w pixels; SD ignores it)."""
+        encoder, key = self.text_encoder, None
+        if self.sdxl:
+            if image_size is None:
+                raise ValueError("an SDXL prompt encoding needs the image size (h, w) for its time ids")
+            key = tuple(int(v) for v in image_size)
+            encoder = encoder.clone(image_size=key)
         if key not in self._encode:
             self._encode[key] = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids))
         return self._encode[key](self.text_params, jnp.asarray(self.tokenize(prompts)))
@@ -212,8 +204,8 @@ def load_pipeline(
     if "tokenizer_2" in dirs:
         pipe.tokenizer_2 = load_tokenizer(dirs["tokenizer_2"])
     if "text_encoder" in dirs and sdxl:
-        pipe.text_encoder, pipe.text_params = load_sdxl_text_encoders(
-            dirs["text_encoder"], dirs["text_encoder_2"], default_image_size(root), dtype, param_dtype)
+        pipe.text_encoder, pipe.text_params = load_sdxl_text_encoders(dirs["text_encoder"], dirs["text_encoder_2"],
+                                                                      dtype, param_dtype)
     elif "text_encoder" in dirs:
         pipe.text_encoder, pipe.text_params = load_text_encoder(dirs["text_encoder"], dtype, param_dtype)
     if "vae" in dirs:

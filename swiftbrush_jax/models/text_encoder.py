@@ -12,6 +12,7 @@ builds whichever class the folder's ``config.json`` names in ``architectures``.
 
 import dataclasses
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -252,15 +253,18 @@ class SDXLTextEncoders(nn.Module):
     """SDXL's prompt encoding as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` does it (clip_skip None):
     input_ids (B, 2, L), one row per tokenizer -> ``SDXLConditioning``: both encoders' penultimate hidden states
     joined on the last axis, text_encoder_2's ``text_embeds``, and the default time ids of ``image_size``
-    (h, w pixels). Its parameters are {"text_encoder": ..., "text_encoder_2": ...}, the folders' names."""
+    (h, w pixels; set it, with ``clone``, to the size of the images the conditioning is for). Its parameters
+    are {"text_encoder": ..., "text_encoder_2": ...}, the folders' names."""
 
     config: CLIPTextConfig
     config_2: CLIPTextConfig
-    image_size: tuple
+    image_size: Optional[tuple] = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids):
+        if self.image_size is None:
+            raise ValueError("SDXLTextEncoders needs image_size (h, w) for the time ids; clone(image_size=...)")
         first = CLIPTextModel(self.config, self.dtype, penultimate=True, name="text_encoder")(input_ids[:, 0])
         second, text_embeds = CLIPTextModelWithProjection(self.config_2, self.dtype, penultimate=True,
                                                           name="text_encoder_2")(input_ids[:, 1])
@@ -268,13 +272,12 @@ class SDXLTextEncoders(nn.Module):
                                 time_ids=time_ids(self.image_size, input_ids.shape[0]))
 
 
-def load_sdxl_text_encoders(folder: str, folder_2: str, image_size: tuple, dtype=jnp.float32,
-                            param_dtype=jnp.float32):
+def load_sdxl_text_encoders(folder: str, folder_2: str, dtype=jnp.float32, param_dtype=jnp.float32):
     """(SDXLTextEncoders, params) from an SDXL pipeline's ``text_encoder`` and ``text_encoder_2`` folders."""
     first, params = load_text_encoder(folder, dtype, param_dtype)
     second, params_2 = load_text_encoder(folder_2, dtype, param_dtype)
     if not isinstance(second, CLIPTextModelWithProjection):
         raise UnsupportedConfigError(f"{folder_2}/config.json: SDXL's text_encoder_2 must be a {WITH_PROJECTION} "
                                      "(its pooled text_embeds condition the UNet)")
-    model = SDXLTextEncoders(first.config, second.config, tuple(image_size), dtype)
+    model = SDXLTextEncoders(first.config, second.config, dtype=dtype)
     return model, {"text_encoder": params, "text_encoder_2": params_2}
