@@ -22,7 +22,8 @@ def guided(unet, variables, x, t, cond, uncond, scale: float):
     that half runs. ``cond`` and ``uncond`` (one row) are conditionings of either kind (models.conditioning)."""
     if scale == 1.0:
         return apply_unet(unet, variables, x, t, cond).astype(jnp.float32)
-    out = apply_unet(unet, variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]), uncond_then_cond(uncond, cond))
+    out = apply_unet(unet, variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     uncond_then_cond(uncond, cond))
     out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2)
     return out_uncond + scale * (out_cond - out_uncond)
 
@@ -58,8 +59,8 @@ def ddim_images(unet, vae, schedule, num_steps: int, guidance: float):
     """(unet params, vae params, z, cond, uncond) -> float images in [0, 1]: multi-step DDIM; jit it.
 
     DDIM (eta 0) following the scheduler config, with classifier-free guidance against ``uncond``
-    (the empty prompt's conditioning, one row) as diffusers' StableDiffusionPipeline does it: guidance <= 1 runs the conditional branch
-    alone."""
+    (the empty prompt's conditioning, one row) as diffusers' StableDiffusionPipeline does it: guidance <= 1
+    runs the conditional branch alone."""
 
     def sample(unet_params, vae_params, z, cond, uncond):
         def denoise(x, t):

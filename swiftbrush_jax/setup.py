@@ -9,7 +9,7 @@ weights), so what it counts is what the trainer holds.
 import dataclasses
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +110,6 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
     student_lora_scale = lora_scale(config.student_lora.rank, config.student_lora.alpha) if lora_student else 1.0
     student_unet = pipe.unet.clone(dtype=dtype_of(config.student_compute_dtype), lora_scale=student_lora_scale,
                                    **memory)
-    latent = config.get("latent_size") or unet_config.sample_size
     text_encoder = pipe.text_encoder.clone(dtype=dtype_of(config.teacher_dtype),
                                            **({"image_size": training_image_size(config, pipe)} if pipe.sdxl else {}))
     score_unet = teacher_unet.clone(dtype=dtype_of(config.score_dtype)) if config.score_dtype else None
@@ -132,6 +131,7 @@ def build_vsd(config, pipe, clip_parts=None) -> VSD:
         raise UsageError("--config.vsd.clip_weight: the CLIP loss needs --config.clip_model")
     if config.vsd.lora_updates_per_step < 1:
         raise UsageError(f"--config.vsd.lora_updates_per_step={config.vsd.lora_updates_per_step}: use 1 or more")
+    latent = config.get("latent_size") or unet_config.sample_size
     return VSD(
         student_unet=student_unet, teacher_unet=teacher_unet, text_encoder=text_encoder,
         schedule=pipe.schedule, config=VSDConfig(**config.vsd),
@@ -155,17 +155,17 @@ def training_image_size(config, pipe) -> Optional[tuple]:
     return pipe.image_size((latent, latent)) if pipe.sdxl else None
 
 
-def text_embedding(config, pipe, prompts):
+def text_embedding(config, pipe, prompts: Optional[Sequence[str]] = None):
     """The prompts' conditioning (for SDXL with the training size's time ids) in float32 on the host, or its
-    ShapeDtypeStructs where the pipeline is abstract. The empty prompt, [""], is the pipeline's own negative
-    (``encode_uncond``: zeros for SDXL with ``force_zeros_for_empty_prompt``)."""
+    ShapeDtypeStructs where the pipeline is abstract. Without prompts: the empty prompt's, one row, as the
+    pipeline makes its negative (``encode_uncond``: zeros for SDXL with ``force_zeros_for_empty_prompt``)."""
     size = training_image_size(config, pipe)
     if sharding.is_abstract(pipe.text_params):
         encoder = pipe.text_encoder.clone(image_size=size) if size else pipe.text_encoder
-        ids = jax.ShapeDtypeStruct(pipe.token_shape(len(prompts)), jnp.int32)
+        ids = jax.ShapeDtypeStruct(pipe.token_shape(1 if prompts is None else len(prompts)), jnp.int32)
         shapes = jax.eval_shape(lambda p, i: encoder.apply({"params": p}, i), pipe.text_params, ids)
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
-    cond = pipe.encode_uncond(size) if list(prompts) == [""] else pipe.encode_text(list(prompts), size)
+    cond = pipe.encode_uncond(size) if prompts is None else pipe.encode_text(list(prompts), size)
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), cond)
 
 
@@ -175,7 +175,7 @@ def frozen_inputs(config, pipe, mesh, clip_params=None):
     only), and their sharding."""
     teacher_dtype = dtype_of(config.teacher_dtype)
     frozen = Frozen(teacher=as_dtype(pipe.unet_params, teacher_dtype), text=as_dtype(pipe.text_params, teacher_dtype),
-                    uncond=text_embedding(config, pipe, [""]),
+                    uncond=text_embedding(config, pipe),
                     clip=None if clip_params is None else as_dtype(clip_params, teacher_dtype))
     frozen_sh = sharding.tree_shardings(frozen, mesh)
     return sharding.place(frozen, frozen_sh), frozen_sh

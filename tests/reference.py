@@ -112,7 +112,8 @@ SDXL_TEXT = {
 }
 # SDXL base 1.0's scheduler_config.json
 SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                      prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                      prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                      interpolation_type="linear",
                       use_karras_sigmas=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True,
                       clip_sample=False)
 

@@ -97,7 +97,8 @@ def train_two_steps(teacher, workdir, *overrides) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(sdxl_root, tmp_path_factory):
-    return train_two_steps(sdxl_root, tmp_path_factory.mktemp("sdxl_train") / "work", "--config.student_optimizer.lr=1e-2")
+    return train_two_steps(sdxl_root, tmp_path_factory.mktemp("sdxl_train") / "work",
+                           "--config.student_optimizer.lr=1e-2")
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +210,8 @@ def test_evaluation_generates_from_an_sdxl_student(workdir, tmp_path):
 
     captions = tmp_path / "captions.json"
     words = ["a red circle", "a blue square", "a green triangle"]
-    captions.write_text(json.dumps({"images": [{"id": i} for i in range(3)],
-                                    "annotations": [{"image_id": i, "id": i, "caption": w} for i, w in enumerate(words)]}))
+    annotations = [{"image_id": i, "id": i, "caption": w} for i, w in enumerate(words)]
+    captions.write_text(json.dumps({"images": [{"id": i} for i in range(3)], "annotations": annotations}))
     out = str(tmp_path / "eval")
     evaluate(["--suite", "coco2014", "--model", workdir, "--out", out, "--captions", str(captions),
               "--num-images", "3", "--batch-size", "2", "--generate-only"])

@@ -86,14 +86,15 @@ SDXL_PIPELINE = "StableDiffusionXLPipeline"
 def sdxl_sign(root: str) -> Optional[str]:
     """What marks an SDXL folder (model_index.json's class, a text_encoder_2/, or an SDXL UNet config:
     addition_embed_type='text_time'), or None for SD 1.x/2.x."""
-    unet_config = os.path.join(root, "unet", "config.json")
-    addition = (storage.read_json(unet_config, PipelineError).get("addition_embed_type")
-                if os.path.isfile(unet_config) else None)
     if model_index(root).get("_class_name") == SDXL_PIPELINE:
         return f"model_index.json names {SDXL_PIPELINE}"
     if os.path.isdir(os.path.join(root, "text_encoder_2")):
         return "it has a text_encoder_2/"
-    return "unet/config.json has addition_embed_type='text_time'" if addition == "text_time" else None
+    unet_config = os.path.join(root, "unet", "config.json")
+    if os.path.isfile(unet_config) and storage.read_json(unet_config, PipelineError).get(
+            "addition_embed_type") == "text_time":
+        return "unet/config.json has addition_embed_type='text_time'"
+    return None
 
 
 def model_index(root: str) -> dict:
@@ -147,10 +148,8 @@ class StableDiffusion:
         """What the UNet attends to: ``last_hidden_state`` of the text encoder, or for SDXL its
         ``SDXLConditioning`` with the time ids of ``image_size`` (h, w pixels; SD ignores it)."""
         encoder, key = self.text_encoder, None
-        if self.sdxl:
-            if image_size is None:
-                raise ValueError("an SDXL prompt encoding needs the image size (h, w) for its time ids")
-            key = tuple(int(v) for v in image_size)
+        if self.sdxl:  # SDXLTextEncoders refuses a missing size by name
+            key = None if image_size is None else tuple(int(v) for v in image_size)
             encoder = encoder.clone(image_size=key)
         if key not in self._encode:
             self._encode[key] = jax.jit(lambda p, ids: encoder.apply({"params": p}, ids))
