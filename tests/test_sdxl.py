@@ -159,6 +159,24 @@ def test_lora_student_exports_adapters_and_merges(sdxl_root, workdir, lora_workd
     assert float(np.abs(ours_one_step(merged, latents) - theirs).max()) <= TOLERANCE
 
 
+def test_the_server_answers_an_sdxl_student_as_sample_draws_it(workdir, tmp_path):
+    """``serve`` on the SDXL student's workdir: its PNG is the one ``sample`` writes for the same prompt and seed
+    (both text encoders, the time ids of the noise's size), batched with another request or alone."""
+    from test_serve import Served, concurrently, pixels, sampled
+
+    expected = sampled(workdir, tmp_path, PROMPTS, 5, 1)
+    served = Served("--model", workdir, "--batch-sizes", "1", "2")
+    try:
+        assert served.health["student"], served.health
+        answers = concurrently([(served.image, (prompt, 5)) for prompt in PROMPTS])
+        for prompt, (status, body, _) in zip(PROMPTS, answers):
+            assert status == 200, body
+            assert pixels(body).shape == (16, 16, 3)
+            assert np.abs(pixels(body) - expected[(prompt, 5)]).max() <= TOLERANCE, prompt
+    finally:
+        served.close()
+
+
 def test_sdxl_configs_and_what_is_refused(sdxl_root):
     """configs/sdxl.py's variants read; the CLIP loss on an SDXL teacher is refused by name."""
     from swiftbrush_jax import setup
