@@ -2,7 +2,9 @@
 
     python benchmarks/shapes_search.py prune            # one training seed per setting, in SETTINGS order
     python benchmarks/shapes_search.py final NAME ...   # 3 training seeds of each finalist and of its SDS twin
+    python benchmarks/shapes_search.py teacher          # the 25-step teacher, 3 noise seeds, scored as the runs
     python benchmarks/shapes_search.py plot             # benchmarks/results/shapes_search.png from the JSON
+    python benchmarks/shapes_search.py grids NAME       # NAME's seed-0 grid beside its SDS twin's and the teacher's
 
 Every run is recorded in benchmarks/results/shapes_search.json as soon as it is scored, keyed by setting
 and training seed, so an interrupted search resumes where it stopped and a new setting appended to SETTINGS
@@ -22,10 +24,14 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes_table  # noqa: E402
 
+from swiftbrush_jax.config_base import load_config_file  # noqa: E402
 from swiftbrush_jax.evaluators import shapes_suite  # noqa: E402
+from swiftbrush_jax.toy import teacher_path  # noqa: E402
 
 RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_search.json")
 METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms", "open_prompt_accuracy")
@@ -73,6 +79,21 @@ def spec(name: str) -> tuple:
     return SETTINGS[name]
 
 
+def score(results: dict, runs: str, name: str, seed: int, model: str, **sampling) -> dict:
+    """Score a model on held-out noise seed NOISE_SEED + 100000 x seed (each image its own seed's noise), record
+    it under name/seed and keep the seed-0 grid in runs/search_<name>.png."""
+    result = shapes_suite.evaluate(model, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed, **sampling)
+    images = result.pop("images")
+    if seed == 0:
+        shapes_suite.write_grid(os.path.join(runs, f"search_{name}.png"), images, 8)
+    record = {"setting": name, "seed": seed, **{m: result[m] for m in METRICS},
+              "coverage_by_prompt": result["coverage_by_prompt"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results["runs"][f"{name}/seed{seed}"] = record
+    shapes_table.save_runs(RESULTS_JSON, results)
+    print(f"{name}/seed{seed}", {m: round(record[m], 3) for m in METRICS}, flush=True)
+    return record
+
+
 def run(results: dict, runs: str, name: str, seed: int) -> dict:
     """Distil and score one (setting, seed), or return its recorded result."""
     key = f"{name}/seed{seed}"
@@ -81,22 +102,27 @@ def run(results: dict, runs: str, name: str, seed: int) -> dict:
     steps, overrides = spec(name)
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     workdir, wall = shapes_table.train(runs, f"search_{name}", "", flags, seed, steps)
-    result = shapes_suite.evaluate(workdir, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed)
-    if seed == 0:
-        shapes_suite.write_grid(os.path.join(runs, f"search_{name}.png"), result.pop("images"), 8)
-    result.pop("images", None)
-    record = {"setting": name, "seed": seed, "steps": steps, "overrides": overrides, "train_wall_s": wall,
-              **{m: result[m] for m in METRICS}, "coverage_by_prompt": result["coverage_by_prompt"],
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    results["runs"][key] = record
+    record = score(results, runs, name, seed, workdir)
+    record.update(steps=steps, overrides=overrides, train_wall_s=wall)
     shapes_table.save_runs(RESULTS_JSON, results)
-    print(key, {m: round(record[m], 3) for m in METRICS}, f"train {wall or 0:.0f} s", flush=True)
+    print(key, f"train {wall or 0:.0f} s", flush=True)
     return record
 
 
+def score_teacher(results: dict, runs: str, seeds: int) -> None:
+    """The 25-step teacher at the recipe's CFG on the same held-out noise as the runs of each training seed
+    (replacing rows imported from the shapes table, which drew their noise differently)."""
+    guidance = load_config_file(shapes_table.CONFIG).vsd.guidance_scale
+    for seed in range(seeds):
+        recorded = results["runs"].get(f"teacher/seed{seed}")
+        if recorded is None or "source" in recorded:
+            score(results, runs, "teacher", seed, teacher_path(), steps=25, guidance=guidance)
+
+
 def import_table(results: dict) -> None:
-    """The 25-step teacher, the base setting and its SDS twin from benchmarks/shapes_table.json, whose rows
-    were scored the same way (its teacher_ddim, swiftbrush and sds_ablation rows, seeds 0-2)."""
+    """The base setting and its SDS twin from benchmarks/shapes_table.json (its swiftbrush and sds_ablation
+    rows, seeds 0-2), scored with one noise array per evaluation; and its teacher_ddim row until the teacher
+    phase rescores it."""
     with open(os.path.join(shapes_table.RESULTS, "shapes_table.json")) as f:
         rows = {row["name"]: row for row in json.load(f)}
     for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation")):
@@ -116,7 +142,6 @@ def plot(results: dict, out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     by_setting = {}
     for record in results["runs"].values():
@@ -145,10 +170,32 @@ def plot(results: dict, out: str) -> None:
     print("wrote", out)
 
 
+def grids(runs: str, name: str, out: str) -> None:
+    """The seed-0 grids of a setting, its SDS twin and the teacher side by side (rows: the 28 prompts, the
+    open ones last; columns: 8 noise seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    panels = [(name, f"VSD: {name}"), (twin_name(name), f"SDS twin: {twin_name(name)}"),
+              ("teacher", "teacher, DDIM 25 steps")]
+    images = [np.asarray(Image.open(os.path.join(runs, f"search_{n}.png"))) for n, _ in panels]
+    fig, axes = plt.subplots(1, 3, figsize=(3 * images[0].shape[1] / 100, images[0].shape[0] / 100 + 0.4), dpi=100)
+    for ax, image, (_, title) in zip(axes, images, panels):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize=16)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out)
+    print("wrote", out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("prune", "final", "plot"))
-    parser.add_argument("names", nargs="*", help="prune: settings (default all); final: the finalists")
+    parser.add_argument("phase", choices=("prune", "final", "teacher", "plot", "grids"))
+    parser.add_argument("names", nargs="*", help="prune: settings (default all); final: the finalists; grids: one")
     parser.add_argument("--runs", default="runs/search")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of a finalist")
     args = parser.parse_args(argv)
@@ -159,8 +206,13 @@ def main(argv=None) -> None:
     unknown = [n for n in args.names if n not in SETTINGS]
     if unknown:
         raise SystemExit(f"error: unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    if args.phase == "grids":
+        grids(args.runs, args.names[0], os.path.join(shapes_table.RESULTS, "shapes_search_grids.png"))
+        return
     import_table(results)
-    if args.phase == "prune":
+    if args.phase == "teacher":
+        score_teacher(results, args.runs, args.seeds)
+    elif args.phase == "prune":
         for name in args.names or SETTINGS:
             run(results, args.runs, name, 0)
     else:
