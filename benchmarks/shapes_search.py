@@ -179,9 +179,13 @@ def grids(runs: str, name: str, out: str) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    panels = [(name, f"VSD: {name}"), (twin_name(name), f"SDS twin: {twin_name(name)}"),
-              ("teacher", "teacher, DDIM 25 steps")]
-    images = [np.asarray(Image.open(os.path.join(runs, f"search_{n}.png"))) for n, _ in panels]
+    teacher = os.path.join(runs, "search_teacher.png")  # the teacher phase's; else the shapes table's grid
+    if not os.path.exists(teacher):
+        teacher = os.path.join(shapes_table.RESULTS, "shapes_teacher_ddim.png")
+    panels = [(os.path.join(runs, f"search_{name}.png"), f"VSD: {name}"),
+              (os.path.join(runs, f"search_{twin_name(name)}.png"), f"SDS twin: {twin_name(name)}"),
+              (teacher, "teacher, DDIM 25 steps")]
+    images = [np.asarray(Image.open(path)) for path, _ in panels]
     fig, axes = plt.subplots(1, 3, figsize=(3 * images[0].shape[1] / 100, images[0].shape[0] / 100 + 0.4), dpi=100)
     for ax, image, (_, title) in zip(axes, images, panels):
         ax.imshow(image, interpolation="nearest")
