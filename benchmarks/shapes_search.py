@@ -3,7 +3,7 @@
     python benchmarks/shapes_search.py prune            # one training seed per setting, in SETTINGS order
     python benchmarks/shapes_search.py final NAME ...   # 3 training seeds of each finalist and of its SDS twin
     python benchmarks/shapes_search.py teacher          # the 25-step teacher, 3 noise seeds, scored as the runs
-    python benchmarks/shapes_search.py plot             # benchmarks/results/shapes_search.png from the JSON
+    python benchmarks/shapes_search.py plot             # benchmarks/results/shapes_search.png and a table
     python benchmarks/shapes_search.py grids NAME       # NAME's seed-0 grid beside its SDS twin's and the teacher's
 
 Every run is recorded in benchmarks/results/shapes_search.json as soon as it is scored, keyed by setting
@@ -170,6 +170,25 @@ def plot(results: dict, out: str) -> None:
     print("wrote", out)
 
 
+def table(results: dict) -> str:
+    """A markdown row per setting: seeds, mean ± std (over seeds, where more than one) of each metric, and the
+    training wall time per run."""
+    by_setting = {}
+    for record in results["runs"].values():
+        by_setting.setdefault(record["setting"], []).append(record)
+    lines = ["| setting | steps | seeds | joint accuracy | coverage distance | Fréchet distance | pairwise RMS "
+             "| training s/run |", "|---|---|---|---|---|---|---|---|"]
+    for name, records in sorted(by_setting.items(), key=lambda item: (item[0] != "teacher", item[0])):
+        cells = []
+        for metric in ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms"):
+            values = np.array([r[metric] for r in records])
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}")
+        walls = [r["train_wall_s"] for r in records if r.get("train_wall_s")]
+        wall = f"{np.mean(walls):.0f}" if walls else ""
+        lines.append(f"| {name} | {records[0].get('steps', '')} | {len(records)} | " + " | ".join(cells) + f" | {wall} |")
+    return "\n".join(lines)
+
+
 def grids(runs: str, name: str, out: str) -> None:
     """The seed-0 grids of a setting, its SDS twin and the teacher side by side (rows: the 28 prompts, the
     open ones last; columns: 8 noise seeds)."""
@@ -206,6 +225,7 @@ def main(argv=None) -> None:
     results = shapes_table.load_runs(RESULTS_JSON)
     if args.phase == "plot":
         plot(results, os.path.join(shapes_table.RESULTS, "shapes_search.png"))
+        print(table(results))
         return
     unknown = [n for n in args.names if n not in SETTINGS]
     if unknown:
