@@ -70,7 +70,7 @@ class VSD:
         params = Trainable(student=state.student, lora=state.lora)
         metrics, grads = self.gradients(params, frozen, batch, self.clip_weight_at(state.step))
         new_state, metrics = self.apply_updates(state, grads, metrics, rng)
-        if self.config.lora_updates_per_step > 1:
+        if self.config.lora_updates_per_step > 1 and self.config.use_lora_teacher:  # SDS reads no LoRA teacher
             extra_rng = jax.random.fold_in(step_rng, 1)
             new_state, metrics["loss_lora_extra"] = self.extra_lora_updates(new_state, frozen, cond, extra_rng,
                                                                             state.step)
@@ -286,7 +286,8 @@ class VSDConfig:
     student_x0_parameterization: bool = True
     # Two time-scale updates (DMD2's TTUR): the LoRA teacher takes this many Adam steps per student step.
     # The first uses the step's own samples; each further one draws fresh student samples (the updated
-    # student, the same prompts) with fresh noise, timesteps and prompt dropout.
+    # student, the same prompts) with fresh noise, timesteps and prompt dropout. The SDS ablation, which
+    # reads no LoRA teacher, skips the further ones.
     lora_updates_per_step: int = 1
     # SwiftBrush v2's clamped CLIP loss (docs/method.md §6), added to the student's: w(k) mean(max(0, tau -
     # cos(E_img(D(x0)), E_txt(prompt)))), w(k) falling linearly from clip_weight to 0 over clip_anneal_steps

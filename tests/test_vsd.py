@@ -426,6 +426,25 @@ def test_two_time_scale_updates_in_microbatches(setup):
     assert rel(jax.tree_util.tree_leaves(states[1].lora)[0], jax.tree_util.tree_leaves(s["lora"])[0]) > 1e-4
 
 
+def test_sds_ablation_skips_the_further_lora_updates(setup):
+    """The SDS ablation reads no LoRA teacher, so a config with lora_updates_per_step = 3 and no LoRA teacher
+    (an SDS twin of a two time-scale recipe) takes one step's work: the state after its step is the state
+    after the same step at lora_updates_per_step = 1."""
+    s = setup
+    text = nn_text_encoder(jnp.asarray(s["inputs"]["cond"].numpy()))
+    frozen = Frozen(teacher=s["teacher"], text={}, uncond=jnp.asarray(s["inputs"]["uncond"].numpy()))
+    states = []
+    for updates in (1, 3):
+        vsd = dataclasses.replace(s["vsd"], config=VSDConfig(use_lora_teacher=False, lora_updates_per_step=updates),
+                                  text_encoder=text)
+        new, metrics = jax.jit(vsd.train_step)(vsd.init_state(jax.random.PRNGKey(0), s["student"], s["lora"]),
+                                               frozen, jnp.arange(B))
+        assert "loss_lora_extra" not in metrics
+        states.append(new)
+    for a, b in zip(jax.tree_util.tree_leaves(states[0]), jax.tree_util.tree_leaves(states[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def nn_text_encoder(embeddings):
     """A text encoder that returns fixed prompt embeddings, row i for token ids i: the step's own code path
     from token ids on, with the test's embeddings."""
