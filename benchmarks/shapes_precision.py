@@ -3,8 +3,9 @@
     python benchmarks/shapes_precision.py run [ARM ...] [--seeds 3]   # distil and score (resumes)
     python benchmarks/shapes_precision.py table                       # the markdown table from the JSON
 
-The recipe is configs/shapes.py with the LoRA teacher at the teacher's CFG (as configs/sd21.py) and the
-teacher, text encoder and student computing in bf16, as the SD 2.1 configs do. The arms differ only in how
+The recipe is configs/shapes.py as it was when these records were made (shapes_table.RECIPE_BEFORE_SEARCH:
+student lr 2e-4, one LoRA update per step) with the LoRA teacher at the teacher's CFG (as configs/sd21.py)
+and the teacher, text encoder and student computing in bf16, as the SD 2.1 configs do. The arms differ only in how
 the four score evaluations of the VSD gradient compute (docs/bf16.md):
 
 * all_bf16: the scores in bf16, like the rest of the step;
@@ -32,7 +33,8 @@ from swiftbrush_jax.evaluators import shapes_suite  # noqa: E402
 
 RESULTS_JSON = os.path.join(shapes_table.RESULTS, "shapes_precision.json")
 METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_rms")
-COMMON = {"vsd.lora_guidance_scale": 3.0, "teacher_dtype": "bfloat16", "student_compute_dtype": "bfloat16"}
+COMMON = {**shapes_table.RECIPE_BEFORE_SEARCH, "vsd.lora_guidance_scale": 3.0, "teacher_dtype": "bfloat16",
+          "student_compute_dtype": "bfloat16"}
 # arm -> (overrides of configs/shapes.py beyond COMMON, emulated matmul passes of float32 operands or "")
 ARMS = {
     "all_bf16": ({"score_dtype": ""}, "tf32"),
