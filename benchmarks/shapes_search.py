@@ -8,7 +8,9 @@
 
 Every run is recorded in benchmarks/results/shapes_search.json as soon as it is scored, keyed by setting
 and training seed, so an interrupted search resumes where it stopped and a new setting appended to SETTINGS
-extends it. A setting is configs/shapes.py with overrides; its SDS twin is the same setting with
+extends it. A setting is overrides of the recipe the search started from (configs/shapes.py with
+shapes_table.RECIPE_BEFORE_SEARCH, student lr 2e-4 and one LoRA update; the search chose the config's
+present recipe, slr5e-5_lu5); its SDS twin is the same setting with
 ``vsd.use_lora_teacher=False`` and without the LoRA teacher's own keys (which SDS does not use), so settings
 that differ only in LoRA settings share one twin. Runs are scored as benchmarks/shapes_table.py scores its
 rows: held-out noise seed NOISE_SEED + training seed, 8 images per prompt and answer.
@@ -38,7 +40,7 @@ METRICS = ("joint_accuracy", "coverage_distance", "frechet_distance", "pairwise_
 # Keys that only the LoRA teacher reads: an SDS twin drops them.
 LORA_KEYS = ("lora_optimizer.", "lora.", "vsd.lora_updates_per_step", "vsd.lora_guidance_scale")
 
-# name -> (total steps, overrides of configs/shapes.py). The student's Adam moves each weight by about lr per
+# name -> (total steps, overrides of the search's base recipe). The student's Adam moves each weight by about lr per
 # step, so a rate halved takes twice the steps to move as far as the 2e-4 x 1200 baseline.
 SETTINGS = {
     "base": (1200, {}),
@@ -55,9 +57,13 @@ SETTINGS = {
     "cfg1.5_llr3e-3": (1200, {"vsd.guidance_scale": 1.5, "lora_optimizer.lr": 3e-3}),
     "slr1e-4_lu5": (1200, {"student_optimizer.lr": 1e-4, "vsd.lora_updates_per_step": 5}),
     # Five LoRA updates gained accuracy when the student's rate was halved (the shapes table's two time-scale
-    # row at 2e-4: joint 0.718; slr1e-4_lu5: 0.847) at the same coverage: halved once more, same steps and time.
+    # row at 2e-4: joint 0.718; slr1e-4_lu5's seeds 0 and 1: 0.847) at the same coverage: halved once more.
     "slr5e-5_lu5": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 5}),
 }
+
+
+# The setting configs/shapes.py now is: the shapes table's swiftbrush and sds_ablation rows are it and its twin.
+CHOSEN = "slr5e-5_lu5"
 
 
 def sds_twin(overrides: dict) -> dict:
@@ -75,11 +81,10 @@ def twin_name(name: str) -> str:
 
 
 def spec(name: str) -> tuple:
-    """(steps, overrides) of a setting or of an ``sds_<setting>`` twin."""
-    if name.startswith("sds_"):
-        steps, overrides = SETTINGS[name[4:]]
-        return steps, sds_twin(overrides)
-    return SETTINGS[name]
+    """(steps, overrides of configs/shapes.py) of a setting or of an ``sds_<setting>`` twin."""
+    steps, overrides = SETTINGS[name[4:] if name.startswith("sds_") else name]
+    overrides = {**shapes_table.RECIPE_BEFORE_SEARCH, **overrides}
+    return steps, sds_twin(overrides) if name.startswith("sds_") else overrides
 
 
 def score(results: dict, runs: str, name: str, seed: int, model: str, **sampling) -> dict:
@@ -123,10 +128,10 @@ def score_teacher(results: dict, runs: str, seeds: int) -> None:
 
 
 def import_table(results: dict) -> None:
-    """The base setting and its SDS twin from benchmarks/shapes_table.json (its swiftbrush and sds_ablation
-    rows, seeds 0-2), scored with one noise array per evaluation; and its teacher_ddim row until the teacher
-    phase rescores it."""
-    with open(os.path.join(shapes_table.RESULTS, "shapes_table.json")) as f:
+    """The base setting and its SDS twin from the shapes table of that recipe
+    (shapes_before_search/shapes_table.json: its swiftbrush and sds_ablation rows, seeds 0-2), scored with one
+    noise array per evaluation; and its teacher_ddim row until the teacher phase rescores it."""
+    with open(os.path.join(shapes_table.RESULTS, "shapes_before_search", "shapes_table.json")) as f:
         rows = {row["name"]: row for row in json.load(f)}
     for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation")):
         for seed, repeat in enumerate(rows[row]["repeats"]):
@@ -138,12 +143,26 @@ def import_table(results: dict) -> None:
     shapes_table.save_runs(RESULTS_JSON, results)
 
 
+# Label offsets (points) where settings crowd one place; the rest: SDS below its point, VSD above.
+LABEL_OFFSETS = {"sds_base": (8, 1), "cfg1.5_llr3e-3": (8, -12), "rank32": (-52, 7), "lora_cfg_teacher": (-92, -12),
+                 "cfg1.5": (5, -11), "slr1e-4_llr3e-3": (5, -11), "sds_slr1e-4_lu5": (-112, 3)}
+
+
+def results_targets(teacher_records: list) -> dict:
+    """The issue's targets from the teacher's seeds: joint accuracy >= 90% of its mean, coverage distance within
+    0.10 of it, Fréchet distance within 1.25x of it."""
+    mean = {m: float(np.mean([r[m] for r in teacher_records])) for m in METRICS}
+    return {"joint_accuracy": 0.9 * mean["joint_accuracy"], "coverage_distance": mean["coverage_distance"] + 0.1,
+            "frechet_distance": 1.25 * mean["frechet_distance"]}
+
+
 def plot(results: dict, out: str) -> None:
     """coverage_distance against joint accuracy: one point per setting (mean over its seeds, bars where more
     than one), VSD and SDS in two colours, the teacher marked."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     by_setting = {}
@@ -157,8 +176,19 @@ def plot(results: dict, out: str) -> None:
         marker = "*" if name == "teacher" else "s" if name.startswith("sds_") else "o"
         err = dict(xerr=x.std(ddof=1), yerr=y.std(ddof=1), capsize=3) if len(records) > 1 else {}
         ax.errorbar(x.mean(), y.mean(), fmt=marker, color=colour, markersize=12 if name == "teacher" else 7, **err)
-        ax.annotate(f"{name} ({len(records)})", (x.mean(), y.mean()), textcoords="offset points", xytext=(5, 4),
+        offset = LABEL_OFFSETS.get(name, (5, -11) if name.startswith("sds_") else (5, 4))
+        ax.annotate(f"{name} ({len(records)})", (x.mean(), y.mean()), textcoords="offset points", xytext=offset,
                     fontsize=7)
+    targets = results_targets(by_setting["teacher"])
+    ax.set_xlim(right=max(1.02, ax.get_xlim()[1]))
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    ax.add_patch(matplotlib.patches.Rectangle((targets["joint_accuracy"], bottom), right - targets["joint_accuracy"],
+                                              targets["coverage_distance"] - bottom, color="tab:green", alpha=0.12,
+                                              lw=0))
+    ax.text(targets["joint_accuracy"] + 0.003, bottom + 0.004, "targets: joint >= 90% of the teacher's,\n"
+            "coverage within 0.10 of it", fontsize=7, va="bottom")
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
     ax.scatter([], [], marker="o", color="tab:blue", label="VSD (LoRA teacher)")
     ax.scatter([], [], marker="s", color="tab:red", label="SDS twin (no LoRA teacher)")
     ax.scatter([], [], marker="*", color="black", s=120, label="teacher, DDIM 25 steps")
@@ -201,12 +231,17 @@ def grids(runs: str, name: str, out: str) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    teacher = os.path.join(runs, "search_teacher.png")  # the teacher phase's; else the shapes table's grid
-    if not os.path.exists(teacher):
-        teacher = os.path.join(shapes_table.RESULTS, "shapes_teacher_ddim.png")
-    panels = [(os.path.join(runs, f"search_{name}.png"), f"VSD: {name}"),
-              (os.path.join(runs, f"search_{twin_name(name)}.png"), f"SDS twin: {twin_name(name)}"),
-              (teacher, "teacher, DDIM 25 steps")]
+    def grid(setting: str, table_row: str) -> str:
+        """The search's seed-0 grid of a setting; for CHOSEN and its twin, else the shapes table's (the same
+        run: seed 0, the same held-out noise)."""
+        path = os.path.join(runs, f"search_{setting}.png")
+        if os.path.exists(path) or setting not in (CHOSEN, twin_name(CHOSEN), "teacher"):
+            return path
+        return os.path.join(shapes_table.RESULTS, f"shapes_{table_row}.png")
+
+    panels = [(grid(name, "swiftbrush"), f"VSD: {name}"),
+              (grid(twin_name(name), "sds_ablation"), f"SDS twin: {twin_name(name)}"),
+              (grid("teacher", "teacher_ddim"), "teacher, DDIM 25 steps")]
     images = [np.asarray(Image.open(path)) for path, _ in panels]
     fig, axes = plt.subplots(1, 3, figsize=(3 * images[0].shape[1] / 100, images[0].shape[0] / 100 + 0.4), dpi=100)
     for ax, image, (_, title) in zip(axes, images, panels):
