@@ -241,36 +241,32 @@ def main(argv=None) -> None:
             spec = rows[name]
             if isinstance(spec, dict):
                 fingerprint = recipe(spec, args.seeds, noise_seed)
-                result, images = recorded_or_run(record, f"{name}/seed{r}", fingerprint, None if args.recorded else
-                                                 lambda: shapes_suite.evaluate(seeds=args.seeds, noise_seed=noise_seed,
-                                                                               **spec))
-            elif name in MERGES:
-                a, b, weight = spec
-                fingerprint = recipe(distillation_recipe(*distilled[a], r, steps),
-                                     distillation_recipe(*distilled[b], r, steps), weight, args.seeds, noise_seed)
 
                 def compute():
-                    workdirs = [train(args.runs, row, *distilled[row], r, steps,
-                                      recipe_hash=distillation_recipe(*distilled[row], r, steps))[0] for row in (a, b)]
+                    return shapes_suite.evaluate(seeds=args.seeds, noise_seed=noise_seed, **spec)
+            elif name in MERGES:
+                a, b, weight = spec
+                trained = {row: distillation_recipe(*distilled[row], r, steps) for row in (a, b)}
+                fingerprint = recipe(trained[a], trained[b], weight, args.seeds, noise_seed)
+                descriptions[name] = f"{name}: {1 - weight:g} {a} + {weight:g} {b}, 1 step"
+
+                def compute():
+                    workdirs = [train(args.runs, row, *distilled[row], r, steps, recipe_hash=trained[row])[0]
+                                for row in (a, b)]
                     folder = merge(args.runs, f"shapes_{name}_seed{r}", *workdirs, weight)
                     return {**shapes_suite.evaluate(folder, steps=1, seeds=args.seeds, noise_seed=noise_seed),
                             "train_seed": r, "train_steps": steps}
-
-                result, images = recorded_or_run(record, f"{name}/seed{r}", fingerprint,
-                                                 None if args.recorded else compute)
-                descriptions[name] = f"{name}: {1 - weight:g} {a} + {weight:g} {b}, 1 step"
             else:
                 trained = distillation_recipe(*spec, r, steps)
                 fingerprint = recipe(trained, args.seeds, noise_seed)
+                descriptions[name] = f"{name} ({steps} steps), 1 step"
 
                 def compute():
                     workdir, wall = train(args.runs, name, *spec, r, steps, recipe_hash=trained)
                     return {**shapes_suite.evaluate(workdir, seeds=args.seeds, noise_seed=noise_seed),
                             "train_seed": r, "train_steps": steps, "train_wall_s": wall}
-
-                result, images = recorded_or_run(record, f"{name}/seed{r}", fingerprint,
-                                                 None if args.recorded else compute)
-                descriptions[name] = f"{name} ({steps} steps), 1 step"
+            result, images = recorded_or_run(record, f"{name}/seed{r}", fingerprint,
+                                             None if args.recorded else compute)
             if result is None:
                 continue
             if isinstance(spec, dict):
