@@ -21,6 +21,7 @@ student rate; the teacher's CFG; the LoRA rank.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -59,11 +60,18 @@ SETTINGS = {
     # Five LoRA updates gained accuracy when the student's rate was halved (the shapes table's two time-scale
     # row at 2e-4: joint 0.718; slr1e-4_lu5's seeds 0 and 1: 0.847) at the same coverage: halved once more.
     "slr5e-5_lu5": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 5}),
+    # The chosen setting with one LoRA change: rows of the shapes table made after the search (TABLE_ROWS).
+    "slr5e-5_lu1": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 1}),
+    "slr5e-5_lu5_llr3e-3": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 5,
+                                   "lora_optimizer.lr": 3e-3}),
 }
 
 
 # The setting configs/shapes.py now is: the shapes table's swiftbrush and sds_ablation rows are it and its twin.
 CHOSEN = "slr5e-5_lu5"
+# Settings that are a row of the shapes table with the present recipe (configs/shapes.py plus that row's change,
+# trained and scored as this search trains and scores): imported from shapes_table_runs.json, not run twice.
+TABLE_ROWS = {"slr5e-5_lu1": "lora_updates_1", "slr5e-5_lu5_llr3e-3": "lora_lr_3e-3"}
 
 
 def sds_twin(overrides: dict) -> dict:
@@ -93,6 +101,7 @@ def score(results: dict, runs: str, name: str, seed: int, model: str, **sampling
     result = shapes_suite.evaluate(model, seeds=8, noise_seed=shapes_suite.NOISE_SEED + 100_000 * seed, **sampling)
     images = result.pop("images")
     if seed == 0:
+        os.makedirs(runs, exist_ok=True)
         shapes_suite.write_grid(os.path.join(runs, f"search_{name}.png"), images, 8)
     record = {"setting": name, "seed": seed, **{m: result[m] for m in METRICS},
               "coverage_by_prompt": result["coverage_by_prompt"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -127,25 +136,45 @@ def score_teacher(results: dict, runs: str, seeds: int) -> None:
             score(results, runs, "teacher", seed, teacher_path(), steps=25, guidance=guidance)
 
 
+def config_is(name: str) -> bool:
+    """Whether configs/shapes.py is the setting's recipe (its steps and every override), so that the present
+    shapes table's rows are that setting with one change."""
+    config = load_config_file(shapes_table.CONFIG)
+    steps, overrides = spec(name)
+    return config.total_steps == steps and all(
+        functools.reduce(getattr, key.split("."), config) == value for key, value in overrides.items())
+
+
 def import_table(results: dict) -> None:
     """The base setting and its SDS twin from the shapes table of that recipe
     (shapes_before_search/shapes_table.json: its swiftbrush and sds_ablation rows, seeds 0-2), scored with one
-    noise array per evaluation; and its teacher_ddim row until the teacher phase rescores it."""
+    noise array per evaluation; its teacher_ddim row until the teacher phase rescores it; and the TABLE_ROWS
+    settings from the present shapes table's runs, which this search would train and score the same way."""
     with open(os.path.join(shapes_table.RESULTS, "shapes_before_search", "shapes_table.json")) as f:
         rows = {row["name"]: row for row in json.load(f)}
-    for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation")):
-        for seed, repeat in enumerate(rows[row]["repeats"]):
-            key = f"{setting}/seed{seed}"
-            if key not in results["runs"]:
-                results["runs"][key] = {"setting": setting, "seed": seed, "source": f"shapes_table.json:{row}",
-                                        **{m: repeat[m] for m in METRICS},
-                                        "coverage_by_prompt": repeat.get("coverage_by_prompt")}
+    imported = [(setting, seed, f"shapes_table.json:{row}", repeat)
+                for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation"))
+                for seed, repeat in enumerate(rows[row]["repeats"])]
+    table_runs = shapes_table.load_runs(os.path.join(shapes_table.RESULTS, "shapes_table_runs.json"))["runs"]
+    imported += [] if not config_is(CHOSEN) else [(setting, record["train_seed"], f"shapes_table_runs.json:{key}", record)
+                 for setting, row in TABLE_ROWS.items() for key, record in sorted(table_runs.items())
+                 if key.startswith(f"{row}/")]
+    for setting, seed, source, record in imported:
+        key = f"{setting}/seed{seed}"
+        if key not in results["runs"]:
+            results["runs"][key] = {"setting": setting, "seed": seed, "source": source,
+                                    **{m: record[m] for m in METRICS},
+                                    "coverage_by_prompt": record.get("coverage_by_prompt")}
+            if setting in TABLE_ROWS:
+                results["runs"][key].update(steps=record["train_steps"], overrides=spec(setting)[1],
+                                            train_wall_s=record["train_wall_s"])
     shapes_table.save_runs(RESULTS_JSON, results)
 
 
 # Label offsets (points) where settings crowd one place; the rest: SDS below its point, VSD above.
 LABEL_OFFSETS = {"sds_base": (8, 1), "cfg1.5_llr3e-3": (8, -12), "rank32": (-52, 7), "lora_cfg_teacher": (-92, -12),
-                 "cfg1.5": (5, -11), "slr1e-4_llr3e-3": (5, -11), "sds_slr1e-4_lu5": (-112, 3)}
+                 "cfg1.5": (5, -11), "slr1e-4_llr3e-3": (5, -11), "sds_slr1e-4_lu5": (-112, 3),
+                 "slr5e-5_lu1": (6, -12)}
 
 
 def results_targets(teacher_records: list) -> dict:
