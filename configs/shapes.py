@@ -11,7 +11,7 @@ steps. The measurements behind these choices, and what the student reaches: docs
   with the student's distribution (the paper's learns 1000x faster than its student). With one update and a
   student at 2e-4 it did not, and VSD covered open prompts no better than SDS; this pair came closest to
   the teacher in the search of docs/shapes_search.md.
-* batch 8, 1200 steps: about 14 minutes on a 2-core laptop CPU.
+* batch 8, 1200 steps: 13 to 16 minutes on the 2-core development VMs (docs/shapes.md).
 * LoRA rank 8 (paper 64 on 320-1280 wide layers; here 32-64 wide), alpha keeping the paper's alpha / rank.
 * CFG 3 for the teacher (paper 4.5).
 * LoRA teacher at CFG 1, conditional only (official code: the teacher's; ProlificDreamer's VSD: 1): the LoRA
