@@ -60,7 +60,7 @@ SETTINGS = {
     # Five LoRA updates gained accuracy when the student's rate was halved (the shapes table's two time-scale
     # row at 2e-4: joint 0.718; slr1e-4_lu5's seeds 0 and 1: 0.847) at the same coverage: halved once more.
     "slr5e-5_lu5": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 5}),
-    # The chosen setting with one LoRA change: rows of the shapes table made after the search (TABLE_ROWS).
+    # The chosen setting with one LoRA change: rows of the present shapes table (TABLE_ROWS).
     "slr5e-5_lu1": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 1}),
     "slr5e-5_lu5_llr3e-3": (1200, {"student_optimizer.lr": 5e-5, "vsd.lora_updates_per_step": 5,
                                    "lora_optimizer.lr": 3e-3}),
@@ -155,10 +155,11 @@ def import_table(results: dict) -> None:
     imported = [(setting, seed, f"shapes_table.json:{row}", repeat)
                 for setting, row in (("teacher", "teacher_ddim"), ("base", "swiftbrush"), ("sds_base", "sds_ablation"))
                 for seed, repeat in enumerate(rows[row]["repeats"])]
-    table_runs = shapes_table.load_runs(os.path.join(shapes_table.RESULTS, "shapes_table_runs.json"))["runs"]
-    imported += [] if not config_is(CHOSEN) else [(setting, record["train_seed"], f"shapes_table_runs.json:{key}", record)
-                 for setting, row in TABLE_ROWS.items() for key, record in sorted(table_runs.items())
-                 if key.startswith(f"{row}/")]
+    if config_is(CHOSEN):  # otherwise the table's rows are another recipe's
+        table_runs = shapes_table.load_runs(shapes_table.RUNS_JSON)["runs"]
+        imported += [(setting, record["train_seed"], f"shapes_table_runs.json:{key}", record)
+                     for setting, row in TABLE_ROWS.items() for key, record in sorted(table_runs.items())
+                     if key.startswith(f"{row}/")]
     for setting, seed, source, record in imported:
         key = f"{setting}/seed{seed}"
         if key not in results["runs"]:
